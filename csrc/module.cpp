@@ -1,0 +1,31 @@
+// The Python module dgsct_kernels._C: what this build contains. Operator kernels
+// register themselves with torch.library in their own files (csrc/cpu, csrc/cuda).
+#include <torch/extension.h>
+
+#include <string>
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = std::string(DGSCT_TORCH_VERSION);
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = std::string("unknown compiler");
+#endif
+  info["openmp"] = static_cast<bool>(DGSCT_OPENMP);
+  info["cuda_built"] = static_cast<bool>(DGSCT_CUDA_BUILT);
+  info["cuda_archs"] = std::string(DGSCT_CUDA_ARCHS);
+  info["cuda_reason"] = std::string(DGSCT_CUDA_REASON);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dgsct_kernels compiled extension";
+  m.def("build_info", &build_info, "what this build of dgsct_kernels._C contains");
+}

@@ -1,0 +1,2 @@
+"""Backends register themselves with `dgsct_kernels.dispatch` when imported here."""
+from . import reference  # noqa: F401

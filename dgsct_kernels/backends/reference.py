@@ -1,0 +1,48 @@
+"""The `reference` backend: SPEC.md in PyTorch (`reference.py`), runnable anywhere.
+
+Its backward recomputes the forward from x, g and the parameters and differentiates it
+with `torch.func.vjp`, so the op saves no activations; the autograd graph of the eager
+module is what `benchmarks/run.py` calls "eager".
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..config import Hyper
+from ..dispatch import Backend, register
+from ..reference import RawOutputs, reference_forward
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    rank = 0
+    devices = ("cpu", "cuda", "meta")
+    dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+    description = "SPEC.md in plain PyTorch (dozens of kernels, recomputing backward)"
+
+    def forward(self, x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], hyper: Hyper,
+                training: bool) -> RawOutputs:
+        return reference_forward(x, g, params, hyper, training)
+
+    def backward(self, grads: Sequence[Tensor], x: Tensor, g: Tensor,
+                 params: Mapping[str, Optional[Tensor]], hyper: Hyper, training: bool,
+                 wanted: Sequence[str]) -> dict[str, Tensor]:
+        names = list(wanted)
+        if not names:
+            return {}
+
+        def outputs(*tensors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            chosen = dict(zip(names, tensors))
+            p = {**params, **{k: v for k, v in chosen.items() if k not in ("x", "g")}}
+            out = reference_forward(chosen.get("x", x), chosen.get("g", g), p, hyper, training)
+            return out.residual, out.spatial_map, out.temporal_gate
+
+        primals = [x if n == "x" else g if n == "g" else params[n] for n in names]
+        _, pullback = torch.func.vjp(outputs, *primals)
+        return dict(zip(names, pullback(tuple(grads))))
+
+
+register(ReferenceBackend())

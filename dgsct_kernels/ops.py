@@ -1,0 +1,114 @@
+"""The registered operator: `torch.ops.dgsct_kernels.forward` and its backward.
+
+Both are `torch.library.custom_op`s with fake implementations, so `torch.compile` sees
+one opaque node with known output shapes, and autograd is registered on the forward.
+The op is functional: it never writes BatchNorm's running buffers; in training it
+returns the batch statistics and the caller updates the buffers (see functional.py).
+
+Parameters travel as one list of the tensors present, in `OP_PARAM_NAMES` order, plus a
+`layout` of which optional layers exist (autograd supports lists of tensors, not lists
+with holes).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .config import BUFFER_NAMES, OP_PARAM_NAMES, OPTIONAL_GROUPS, Hyper, accumulation_dtype
+from .dispatch import announce, get_backend
+from .reference import RawOutputs
+
+LAYOUT_GROUPS: tuple[str, ...] = tuple(OPTIONAL_GROUPS)  # ln_before, bn, ln_post, gate
+
+
+def pack_params(params: Mapping[str, Optional[Tensor]]) -> tuple[list[Tensor], list[bool]]:
+    layout = [params.get(OPTIONAL_GROUPS[group][0]) is not None for group in LAYOUT_GROUPS]
+    return [params[n] for n in _present_names(layout)], layout
+
+
+def unpack_params(tensors: Sequence[Tensor], layout: Sequence[bool]) -> dict[str, Optional[Tensor]]:
+    params: dict[str, Optional[Tensor]] = dict.fromkeys(OP_PARAM_NAMES)
+    params.update(zip(_present_names(layout), tensors))
+    return params
+
+
+def _present_names(layout: Sequence[bool]) -> list[str]:
+    absent = {n for group, on in zip(LAYOUT_GROUPS, layout) if not on for n in OPTIONAL_GROUPS[group]}
+    return [n for n in OP_PARAM_NAMES if n not in absent]
+
+
+@torch.library.custom_op("dgsct_kernels::forward", mutates_args=())
+def dgsct_forward(x: Tensor, g: Tensor, params: list[Tensor], layout: list[bool],
+                  hyper: list[float], training: bool, backend: str
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(residual, spatial_map, temporal_gate [F], bn1 mean, bn1 var, bn2 mean, bn2 var)."""
+    announce(backend, x.device.type, x.dtype, training)
+    out = get_backend(backend).forward(x, g, unpack_params(params, layout), Hyper(*hyper), training)
+    return tuple(out)
+
+
+@dgsct_forward.register_fake
+def _forward_fake(x, g, params, layout, hyper, training, backend):
+    frames, tokens, dim = x.shape
+    p = unpack_params(params, layout)
+    if training and p["bn1.weight"] is not None:
+        acc = accumulation_dtype(x.dtype)
+        hidden, channels = p["bn1.weight"].shape[0], p["bn2.weight"].shape[0]
+        stats = [x.new_empty(n, dtype=acc) for n in (hidden, hidden, channels, channels)]
+    else:  # eval or no BatchNorm: no statistics
+        stats = [x.new_empty(0) for _ in range(4)]
+    return (x.new_empty(frames, tokens, dim), x.new_empty(frames, tokens), x.new_empty(frames), *stats)
+
+
+@torch.library.custom_op("dgsct_kernels::backward", mutates_args=())
+def dgsct_backward(grad_residual: Tensor, grad_spatial_map: Tensor, grad_temporal_gate: Tensor,
+                   x: Tensor, g: Tensor, params: list[Tensor], layout: list[bool],
+                   hyper: list[float], training: bool, backend: str, wanted: list[bool]
+                   ) -> list[Tensor]:
+    """Gradients for [x, g, *params]; an empty tensor where `wanted` is False."""
+    names = ["x", "g"] + _present_names(layout)
+    chosen = [n for n, w in zip(names, wanted) if w]
+    grads = get_backend(backend).backward(
+        (grad_residual, grad_spatial_map, grad_temporal_gate), x, g, unpack_params(params, layout),
+        Hyper(*hyper), training, chosen)
+    return [grads[n].contiguous() if n in grads else x.new_empty(0) for n in names]
+
+
+@dgsct_backward.register_fake
+def _backward_fake(grad_residual, grad_spatial_map, grad_temporal_gate, x, g, params, layout, hyper,
+                   training, backend, wanted):
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) if w else x.new_empty(0)
+            for t, w in zip([x, g, *params], wanted)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, g, params, layout, hyper, training, backend = inputs
+    if training:  # the running buffers are not read, and the caller updates them in place
+        params = [x.new_empty(0) if n in BUFFER_NAMES else p
+                  for n, p in zip(_present_names(layout), params)]
+    ctx.save_for_backward(x, g, *params)
+    ctx.layout, ctx.hyper, ctx.training, ctx.backend = layout, hyper, training, backend
+    ctx.mark_non_differentiable(*output[3:])
+
+
+def _backward(ctx, grad_residual, grad_spatial_map, grad_temporal_gate, *unused_stat_grads):
+    x, g, *params = ctx.saved_tensors
+    needs_x, needs_g, needs_params = ctx.needs_input_grad[:3]
+    wanted = [bool(needs_x), bool(needs_g), *(bool(n) for n in needs_params)]
+    if not any(wanted):
+        return None, None, None, None, None, None, None
+    grads = dgsct_backward(grad_residual, grad_spatial_map, grad_temporal_gate, x, g, params,
+                           ctx.layout, ctx.hyper, ctx.training, ctx.backend, wanted)
+    grads = [gr if w else None for gr, w in zip(grads, wanted)]
+    return grads[0], grads[1], grads[2:], None, None, None, None
+
+
+torch.library.register_autograd("dgsct_kernels::forward", _backward, setup_context=_setup_context)
+
+
+def call_forward(x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], hyper: Hyper,
+                 training: bool, backend: str) -> RawOutputs:
+    tensors, layout = pack_params(params)
+    return RawOutputs(*dgsct_forward(x, g, tensors, layout, list(hyper), training, backend))

@@ -1,0 +1,98 @@
+"""Builds dgsct_kernels._C by driving CMakeLists.txt (the only build description).
+
+Environment:
+  DGSCT_SKIP_CUDA=1    never build the CUDA part
+  DGSCT_FORCE_CUDA=1   build it even where no CUDA build of torch is detected
+  DGSCT_CUDA_ARCHS     e.g. "8.0;9.0a" or "80 90a" (default: 80;90)
+  MAX_JOBS             parallel compile jobs
+Build against the torch that will run it: install torch first, then
+`pip install --no-build-isolation -e .`.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cuda_decision(torch) -> tuple[bool, str]:
+    """(build the CUDA part?, reason when not)."""
+    if _flag("DGSCT_SKIP_CUDA"):
+        return False, "DGSCT_SKIP_CUDA=1"
+    from torch.utils.cpp_extension import CUDA_HOME
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and shutil.which("nvcc", path=str(Path(CUDA_HOME) / "bin")))
+    if _flag("DGSCT_FORCE_CUDA"):
+        return (True, "") if nvcc else (False, "DGSCT_FORCE_CUDA=1 but nvcc was not found")
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is not a CUDA build"
+    if not nvcc:
+        return False, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    return True, ""
+
+
+def cuda_archs() -> str:
+    raw = os.environ.get("DGSCT_CUDA_ARCHS", "80;90")
+    archs = [a.replace(".", "") for a in re.split(r"[;,\s]+", raw.strip()) if a]
+    for arch in archs:
+        if not re.fullmatch(r"\d{2,3}[af]?", arch):
+            raise SystemExit(f"DGSCT_CUDA_ARCHS={raw!r}: cannot read {arch!r}; expected e.g. '8.0;9.0a'")
+    return ";".join(archs)
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import torch
+        from torch.utils import cpp_extension
+
+        with_cuda, reason = cuda_decision(torch)
+        output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            f"-DDGSCT_PYTHON_INCLUDE={sysconfig.get_paths()['include']}",
+            f"-DDGSCT_TORCH_INCLUDE_DIRS={';'.join(cpp_extension.include_paths())}",
+            f"-DDGSCT_TORCH_LIBRARY_DIRS={';'.join(cpp_extension.library_paths())}",
+            f"-DDGSCT_TORCH_VERSION={torch.__version__}",
+            f"-DDGSCT_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            f"-DDGSCT_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
+            f"-DDGSCT_OUTPUT_DIR={output_dir}",
+            f"-DDGSCT_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+            f"-DDGSCT_CUDA_ARCHS={cuda_archs()}",
+            f"-DDGSCT_CUDA_REASON={reason}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+        ]
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args])
+        subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
+
+
+setup(
+    name="dgsct-kernels",
+    version="0.1.0",
+    description="Fused DG-SCT (cross-modal prompts) kernels for PyTorch",
+    packages=find_packages(include=["dgsct_kernels", "dgsct_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["matplotlib"]},
+    ext_modules=[CMakeExtension("dgsct_kernels._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
+)
