@@ -84,15 +84,16 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
 
 
-setup(
-    name="dgsct-kernels",
-    version="0.1.0",
-    description="Fused DG-SCT (cross-modal prompts) kernels for PyTorch",
-    packages=find_packages(include=["dgsct_kernels", "dgsct_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["matplotlib"]},
-    ext_modules=[CMakeExtension("dgsct_kernels._C")],
-    cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
-)
+if __name__ == "__main__":  # pip runs setup.py as __main__; tests import the helpers above
+    setup(
+        name="dgsct-kernels",
+        version="0.1.0",
+        description="Fused DG-SCT (cross-modal prompts) kernels for PyTorch",
+        packages=find_packages(include=["dgsct_kernels", "dgsct_kernels.*"]),
+        python_requires=">=3.10",
+        install_requires=["torch>=2.6", "numpy"],
+        extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["matplotlib"]},
+        ext_modules=[CMakeExtension("dgsct_kernels._C")],
+        cmdclass={"build_ext": CMakeBuild},
+        zip_safe=False,
+    )

@@ -1,6 +1,7 @@
 """The `reference` backend: SPEC.md in PyTorch (`reference.py`), runnable anywhere.
 
-Its backward recomputes the forward from x, g and the parameters and differentiates it
+It computes in float32 for bfloat16/float16 inputs (float32 accumulation, like the fused
+backends) and returns outputs in the input dtype. Its backward recomputes the forward from x, g and the parameters and differentiates it
 with `torch.func.vjp`, so the op saves no activations; the autograd graph of the eager
 module is what `benchmarks/run.py` calls "eager".
 """
@@ -11,7 +12,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..config import Hyper
+from ..config import Hyper, accumulation_dtype
 from ..dispatch import Backend, register
 from ..reference import RawOutputs, reference_forward
 
@@ -25,7 +26,14 @@ class ReferenceBackend(Backend):
 
     def forward(self, x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], hyper: Hyper,
                 training: bool) -> RawOutputs:
-        return reference_forward(x, g, params, hyper, training)
+        compute = accumulation_dtype(x.dtype)
+        if compute == x.dtype:
+            return reference_forward(x, g, params, hyper, training)
+        up = {name: t.to(compute) if t is not None else None for name, t in params.items()}
+        out = reference_forward(x.to(compute), g.to(compute), up, hyper, training)
+        stats = [t if t.numel() else x.new_empty(0) for t in out[3:]]
+        return RawOutputs(out.residual.to(x.dtype), out.spatial_map.to(x.dtype),
+                          out.temporal_gate.to(x.dtype), *stats)
 
     def backward(self, grads: Sequence[Tensor], x: Tensor, g: Tensor,
                  params: Mapping[str, Optional[Tensor]], hyper: Hyper, training: bool,
@@ -37,7 +45,7 @@ class ReferenceBackend(Backend):
         def outputs(*tensors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             chosen = dict(zip(names, tensors))
             p = {**params, **{k: v for k, v in chosen.items() if k not in ("x", "g")}}
-            out = reference_forward(chosen.get("x", x), chosen.get("g", g), p, hyper, training)
+            out = self.forward(chosen.get("x", x), chosen.get("g", g), p, hyper, training)
             return out.residual, out.spatial_map, out.temporal_gate
 
         primals = [x if n == "x" else g if n == "g" else params[n] for n in names]
