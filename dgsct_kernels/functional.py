@@ -34,12 +34,14 @@ def dgsct(x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], *, segme
     in place.
     """
     hyper = Hyper(alpha, beta, gamma, ln_eps, bn_eps, bn_eps, ln_eps)
-    return run(x, g, params, hyper, segments=segments, training=training, momentum=momentum,
-               backend=backend)
+    return apply_dgsct(x, g, params, hyper, segments=segments, training=training,
+                       momentum=momentum, backend=backend)
 
 
-def run(x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], hyper: Hyper, *,
-        segments: int, training: bool, momentum: Optional[float], backend: str) -> DGSCTOutput:
+def apply_dgsct(x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], hyper: Hyper, *,
+                segments: int, training: bool, momentum: Optional[float],
+                backend: str) -> DGSCTOutput:
+    """The one call path: validate, choose a backend, run the op, update BatchNorm buffers."""
     if not isinstance(segments, int) or segments < 1:
         raise ValueError(f"segments={segments!r}: expected a positive integer")
     dims = dims_from_params(params)

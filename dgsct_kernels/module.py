@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import dispatch
 from .config import Dims, Hyper, check_dims
-from .functional import DGSCTOutput, run
+from .functional import DGSCTOutput, apply_dgsct
 
 TEMPORAL_GATE_KEYS = ("temporal_gated.0.weight", "temporal_gated.0.bias")
 
@@ -78,7 +78,7 @@ class FusedDGSCT(nn.Module):
 
     def forward(self, x: Tensor, g: Tensor) -> DGSCTOutput:
         momentum = self.bn1.momentum if self.bn1 is not None else 0.1
-        return run(x, g, self.op_params(), self.hyper(), segments=self.segments,
+        return apply_dgsct(x, g, self.op_params(), self.hyper(), segments=self.segments,
                    training=self.training, momentum=momentum, backend=self.backend)
 
     def load_authors_state_dict(self, state_dict: Mapping[str, Tensor]):
