@@ -1,0 +1,123 @@
+"""benchmarks/run.py writes its three result files with one row per (shape, mode, backend).
+
+No timing assertions: only that the runner runs end to end and its outputs have the
+promised structure.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dgsct_kernels import dispatch
+from dgsct_kernels.backends.reference import ReferenceBackend
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+COLUMNS = ["device", "device_name", "torch", "triton", "date", "backend", "shape", "N", "C", "M",
+           "D", "F", "dtype", "mode", "median_ms", "p10_ms", "p90_ms", "repeats",
+           "speedup_vs_eager", "saved_bytes", "saved_over_x", "saved_activation_bytes"]
+MODES = ["eval-fwd", "train-fwd+bwd"]
+
+
+def run_benchmark(out: Path, *args: str) -> tuple[list[dict], dict]:
+    command = [sys.executable, str(BENCHMARKS / "run.py"), "--device", "cpu", "--repeats", "1",
+               "--warmup", "0", "--out", str(out), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with open(out / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert done.stdout.count("\n") >= len(rows) + 2  # the table: header, rule, one line a row
+    return rows, results
+
+
+def supporting_backends(shape_label: str, training: bool, monkeypatch) -> set[str]:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from shapes import SHAPES
+
+    problem = dispatch.Problem("cpu", torch.float32, SHAPES[shape_label].dims(), 10, training, True)
+    return {b.name for b in dispatch.registered_backends() if b.supports(problem)}
+
+
+def test_tiny_run_writes_one_row_per_shape_mode_backend(tmp_path, monkeypatch):
+    rows, results = run_benchmark(tmp_path, "--shapes", "tiny", "--no-compile")
+
+    keys = [(r["shape"], r["mode"], r["backend"]) for r in rows]
+    expected = {(shape, mode, backend)
+                for shape in ("tiny-visual", "tiny-audio") for mode in MODES
+                for backend in {"eager"} | supporting_backends(shape, mode != "eval-fwd", monkeypatch)}
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+
+    assert [{k: str(v) if v is not None else "" for k, v in r.items()} for r in results["rows"]] == rows
+    header = results["header"]
+    for key in ("device_name", "torch", "triton", "python", "cpu_count", "date", "command"):
+        assert key in header
+    assert header["compile_mode"] is None
+    for row in rows:
+        assert float(row["median_ms"]) > 0 and row["F"] == "10" and row["dtype"] == "float32"
+        measured = row["mode"] == "train-fwd+bwd"
+        assert (row["saved_bytes"] != "") == measured and (row["saved_over_x"] != "") == measured
+        if row["backend"] == "eager":
+            assert float(row["speedup_vs_eager"]) == 1.0
+            assert measured == (row["saved_activation_bytes"] not in ("", "0"))
+
+
+@pytest.mark.slow
+def test_compile_baseline_is_timed_and_its_saved_tensors_counted(tmp_path):
+    rows, results = run_benchmark(tmp_path, "--shapes", "tiny-visual", "--modes", "train-fwd+bwd")
+
+    assert results["header"]["compile_mode"] == "default"
+    compiled = [r for r in rows if r["backend"] == "compile"]
+    assert len(compiled) == 1
+    # the compiled graph keeps activations, and the hooks must have seen them
+    assert int(compiled[0]["saved_activation_bytes"]) > 0
+
+
+class CopiedBackend(ReferenceBackend):
+    name = "test-copy"
+
+
+class WrongBackend(ReferenceBackend):
+    name = "test-wrong"
+
+    def forward(self, x, g, params, hyper, training):
+        out = super().forward(x, g, params, hyper, training)
+        return out._replace(residual=out.residual * 1.01)
+
+
+def import_runner(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import run
+
+    return run
+
+
+def test_backends_are_found_at_run_time_and_checked_against_eager(tmp_path, monkeypatch):
+    run = import_runner(monkeypatch)
+    argv = ["--device", "cpu", "--shapes", "tiny-visual", "--modes", "eval-fwd", "--no-compile",
+            "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]
+    monkeypatch.setitem(dispatch._REGISTRY, CopiedBackend.name, CopiedBackend())
+    assert CopiedBackend.name in {r["backend"] for r in run.main(argv)}
+
+    monkeypatch.setitem(dispatch._REGISTRY, WrongBackend.name, WrongBackend())
+    with pytest.raises(RuntimeError, match="test-wrong on tiny-visual eval-fwd: residual differs"):
+        run.main(argv)
+
+
+def test_bad_arguments_are_named(monkeypatch, capsys):
+    run = import_runner(monkeypatch)
+
+    for argv, named in ((["--frames", "15"], "--frames=15"), (["--shapes", "s9"], "--shapes='s9'"),
+                        (["--modes", "train"], "--modes"), (["--repeats", "0"], "--repeats=0")):
+        with pytest.raises(SystemExit):
+            run.parse_args(["--device", "cpu", *argv])
+        assert named in capsys.readouterr().err
