@@ -89,7 +89,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "timings stable when other processes share the cores")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    args.command = shlex.join([sys.executable, __file__, *argv])
+    # relative to the repository, so committed results carry no machine paths
+    args.command = shlex.join(["python", "benchmarks/run.py", *argv])
 
     try:
         args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
