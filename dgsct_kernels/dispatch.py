@@ -37,10 +37,11 @@ class Problem:
     frames: int
     training: bool
     use_bn: bool
+    needs_grad: bool = False  # autograd will call the backward
 
     @staticmethod
-    def of(x: Tensor, dims: Dims, training: bool, use_bn: bool) -> "Problem":
-        return Problem(x.device.type, x.dtype, dims, x.shape[0], training, use_bn)
+    def of(x: Tensor, dims: Dims, training: bool, use_bn: bool, needs_grad: bool = False) -> "Problem":
+        return Problem(x.device.type, x.dtype, dims, x.shape[0], training, use_bn, needs_grad)
 
 
 class Backend(abc.ABC):
@@ -70,6 +71,10 @@ class Backend(abc.ABC):
 
     def shape_reasons(self, problem: Problem) -> list[str]:
         """Backend-specific limits on sizes or modes; empty when all are supported."""
+        return []
+
+    def auto_reasons(self, problem: Problem) -> list[str]:
+        """Why `auto` should not pick this backend although it can run (it may be forced)."""
         return []
 
     def supports(self, problem: Problem) -> bool:
@@ -180,7 +185,7 @@ def resolve(problem: Problem, argument: str = AUTO) -> Backend:
         return backend
     rejected = []
     for backend in registered_backends():
-        reasons = backend.not_supported_reasons(problem)
+        reasons = backend.not_supported_reasons(problem) or backend.auto_reasons(problem)
         if not reasons:
             announce(backend.name, problem.device_type, problem.dtype, problem.training,
                      f"dgsct_kernels: auto chose backend {backend.name!r} for {_describe(problem)}"

@@ -1,2 +1,2 @@
 """Backends register themselves with `dgsct_kernels.dispatch` when imported here."""
-from . import reference  # noqa: F401
+from . import reference, triton  # noqa: F401

@@ -1,0 +1,182 @@
+"""The `triton` backend: SPEC.md's forward in a few fused passes over the tokens.
+
+  guide path   R and a without forming P, in the cheapest runnable order (guide_path.py)
+  per frame    qa1, qa2, tg from a; after pass 1, ch (tiny [F, C] products, PyTorch)
+  pass 1       channel_pass: the token sum of qa1 * qv1 (x read, x1/qv1 on chip)
+  pass 2       bottleneck_pass: s, modulation, ln_before, down projection -> z [F, N, C/r]
+  pass 3       moments_pass (training with BatchNorm): bn2's batch statistics from h's moments
+  pass 4       output_pass: bn1, relu, up projection, bn2, ln_post, gate -> o
+
+No [F, N, C] intermediate of steps 3, 5, 6 or 8 is written. The backward is not written
+yet, so this backend runs calls that need no gradient; and until it has been measured on
+a GPU, `auto` does not choose it (select it with backend="triton").
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...config import Hyper, dims_from_params
+from ...dispatch import Backend, Problem, register
+from ...guide_path import plan_guide_path, prompts_and_pooled_guide
+from ...reference import RawOutputs
+
+try:
+    import triton
+    import triton.language as tl
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as error:  # the backend reports itself unavailable
+    _IMPORT_ERROR = str(error)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    rank = 20
+    devices = ("cuda", "cpu")
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    description = "fused Triton passes (forward only so far; CPU through TRITON_INTERPRET=1)"
+
+    def unavailable_reason(self) -> Optional[str]:
+        return f"triton is not importable ({_IMPORT_ERROR})" if _IMPORT_ERROR else None
+
+    def shape_reasons(self, problem: Problem) -> list[str]:
+        reasons = []
+        if problem.needs_grad:
+            reasons.append("no backward yet (forward-only: call under torch.no_grad or without "
+                           "tensors that require grad)")
+        if problem.device_type == "cpu" and not interpreting():
+            reasons.append("CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)")
+        return reasons
+
+    def auto_reasons(self, problem: Problem) -> list[str]:
+        return ["not yet measured on a GPU; select it explicitly with backend='triton'"]
+
+    def plan(self, frames: int, dims, dtype: torch.dtype, training: bool, use_ln_before: bool,
+             use_ln_post: bool, use_bn: bool):
+        return _plan(frames, dims, dtype, training and use_bn, use_ln_before, use_ln_post)
+
+    def forward(self, x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], hyper: Hyper,
+                training: bool) -> RawOutputs:
+        return _forward(x.contiguous(), g.contiguous(), params, hyper, training)
+
+    def backward(self, grads: Sequence[Tensor], x: Tensor, g: Tensor,
+                 params: Mapping[str, Optional[Tensor]], hyper: Hyper, training: bool,
+                 wanted: Sequence[str]) -> dict[str, Tensor]:
+        raise NotImplementedError("the triton backend has no backward yet; dispatch refuses "
+                                  "calls that need one")
+
+
+def _plan(frames, dims, dtype, batch_stats, use_ln_before, use_ln_post):
+    from .bottleneck_pass import bottleneck_pass_launch
+    from .channel_pass import channel_pass_launch
+    from .moments_pass import moments_pass_launch
+    from .output_pass import output_pass_launch
+    from .plan import Plan, guide_path_launch
+
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    N, C, H, G, K = dims.tokens, dims.dim, dims.hidden, dims.groups, dims.num_latents
+    plan = Plan()
+    guide = plan_guide_path(frames, N, dims.guide_tokens, dims.guide_dim, C, K)
+    plan.guide_order, plan.guide_flops = guide.order, guide.flops
+    plan.add(guide_path_launch(guide.order, frames, N, dims.guide_tokens, dims.guide_dim, C, K,
+                               itemsize, guide.flops[guide.order]))
+    plan.add(channel_pass_launch(frames, N, C, K, itemsize))
+    plan.add(bottleneck_pass_launch(frames, N, C, K, H, G, itemsize, use_ln_before))
+    if batch_stats:
+        plan.add(moments_pass_launch(frames, N, H, G, itemsize))
+    plan.add(output_pass_launch(frames, N, C, H, G, itemsize, use_ln_post))
+    return plan
+
+
+def _dot_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _bn_affine(weight, bias, mean, var, eps, size, like):
+    """BatchNorm as per-channel (scale, shift) in float32; identity when there is none."""
+    if weight is None:
+        return (torch.ones(size, device=like.device), torch.zeros(size, device=like.device))
+    scale = weight.double() * torch.rsqrt(var.double() + eps)
+    return scale.float().contiguous(), (bias.double() - mean.double() * scale).float().contiguous()
+
+
+def _forward(x, g, p, hyper, training) -> RawOutputs:
+    from .bottleneck_pass import run_bottleneck_pass
+    from .channel_pass import run_channel_pass
+    from .moments_pass import run_moments_pass
+    from .output_pass import run_output_pass
+
+    frames, tokens, dim = x.shape
+    use_bn = p["bn1.weight"] is not None
+    batch_stats = training and use_bn
+    dims = dims_from_params(p)
+    plan = _plan(frames, dims, x.dtype, batch_stats, p["ln_before.weight"] is not None,
+                 p["ln_post.weight"] is not None)
+    launches = {l.name: l for l in plan.launches}
+    dot, interpret = _dot_dtype(x.dtype), interpreting()
+    f32 = {k: (v.float() if v is not None else None) for k, v in p.items()}
+
+    # guide path and the per-frame vectors, in float32
+    prompts, pooled = prompts_and_pooled_guide(g.float(), f32, plan.guide_order)
+    prompts = prompts.contiguous()
+    qa1 = F.relu(F.linear(pooled, f32["fc_affine_audio_1.weight"], f32["fc_affine_audio_1.bias"])).contiguous()
+    qa2 = F.relu(F.linear(pooled, f32["fc_affine_audio_2.weight"], f32["fc_affine_audio_2.bias"])).contiguous()
+    tg = torch.sigmoid(F.linear(pooled, f32["temporal_gated.0.weight"], f32["temporal_gated.0.bias"]))
+    tg = tg.reshape(frames).contiguous()
+
+    joint = run_channel_pass(launches["channel_pass"], x, prompts, p["gate_av"], p["fc_affine_video_1.weight"],
+                             p["fc_affine_video_1.bias"], qa1, dot, interpret) / tokens
+    hidden = F.relu(F.linear(joint, f32["fc_affine_bottleneck.weight"], f32["fc_affine_bottleneck.bias"]))
+    ch = torch.sigmoid(F.linear(hidden, f32["fc_affine_v_c_att.weight"], f32["fc_affine_v_c_att.bias"]))
+    ch = ch.contiguous()
+
+    s, z, zsum, zm2 = run_bottleneck_pass(launches["bottleneck_pass"], x, prompts, p["gate_av"], ch, qa2, tg,
+                                          p, hyper, dot, interpret)
+    spatial_map = torch.tanh(s).softmax(-1)
+
+    H = dims.hidden
+    stats = [x.new_empty(0) for _ in range(4)]
+    if batch_stats:
+        count = frames * tokens
+        block_counts = _block_counts(tokens, launches["bottleneck_pass"].tiles["BN"], x.device)
+        block_means = zsum.double() / block_counts[:, None]
+        mean1 = zsum.double().sum((0, 1)) / count
+        var1 = (zm2.double().sum((0, 1))
+                + (block_counts[:, None] * (block_means - mean1) ** 2).sum((0, 1))) / count
+        bn1_affine = _bn_affine(p["bn1.weight"], p["bn1.bias"], mean1, var1, hyper.bn1_eps, H, x)
+        mean_h, cov_h = run_moments_pass(launches["moments_pass"], z, *bn1_affine, dims.groups, interpret)
+        w_up = p["up_sampler.weight"].double().reshape(dims.groups, dim // dims.groups, -1)
+        mean2 = torch.einsum("goi,gi->go", w_up, mean_h.reshape(dims.groups, -1)).reshape(dim)
+        var2 = torch.einsum("goi,gij,goj->go", w_up, cov_h, w_up).reshape(dim)
+        bn2_affine = _bn_affine(p["bn2.weight"], p["bn2.bias"], mean2, var2, hyper.bn2_eps, dim, x)
+        stats = [mean1.float(), var1.float(), mean2.float(), var2.float()]
+    elif use_bn:
+        bn1_affine = _bn_affine(p["bn1.weight"], p["bn1.bias"], p["bn1.running_mean"], p["bn1.running_var"],
+                                hyper.bn1_eps, H, x)
+        bn2_affine = _bn_affine(p["bn2.weight"], p["bn2.bias"], p["bn2.running_mean"], p["bn2.running_var"],
+                                hyper.bn2_eps, dim, x)
+    else:
+        bn1_affine = _bn_affine(None, None, None, None, 0.0, H, x)
+        bn2_affine = _bn_affine(None, None, None, None, 0.0, dim, x)
+
+    o = run_output_pass(launches["output_pass"], z, bn1_affine, bn2_affine, p, hyper, dim, dot, interpret)
+    return RawOutputs(o, spatial_map.to(x.dtype), tg.to(x.dtype), *stats)
+
+
+def _block_counts(tokens: int, block: int, device) -> Tensor:
+    """Tokens in each block of `block` rows (the last one may be partial)."""
+    blocks = triton.cdiv(tokens, block)
+    counts = torch.full((blocks,), float(block), dtype=torch.float64, device=device)
+    counts[-1] = tokens - block * (blocks - 1)
+    return counts
+
+
+register(TritonBackend())

@@ -1,0 +1,53 @@
+"""Triton helpers shared by the token passes: matrix products and the prompt attention.
+
+Every pass recomputes x1 = x + gate_av * softmax(x R^T) R from x and the frame's prompt
+tokens R (K rows) instead of reading a stored x1: K is small, so this costs a fraction
+of the pass's own products and saves an [F, N, C] round trip.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def matmul(a, b, DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b with float32 accumulation; DOT is the operand dtype (the input's)."""
+    if DOT == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    elif INTERPRET:
+        # the CPU interpreter mis-computes low-precision tl.dot; rounding the operands to
+        # DOT and multiplying in float32 gives the same products (exact in float32)
+        return tl.dot(a.to(DOT).to(tl.float32), b.to(DOT).to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT), b.to(DOT))
+
+
+@triton.jit
+def prompt_probabilities(x_frame, r_frame, rows, row_mask, C, K,
+                         BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr,
+                         DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """softmax over the K prompt tokens of x[rows] R^T: [BN, KP] (padding columns are 0)."""
+    ks = tl.arange(0, KP)
+    logits = tl.zeros((BN, KP), dtype=tl.float32)
+    for c0 in range(0, C, BK):
+        cols = c0 + tl.arange(0, BK)
+        col_mask = cols < C
+        x = tl.load(x_frame + rows[:, None] * C + cols[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        r = tl.load(r_frame + ks[:, None] * C + cols[None, :],
+                    mask=(ks[:, None] < K) & col_mask[None, :], other=0.0)
+        logits += matmul(x, tl.trans(r), DOT, INTERPRET)
+    logits = tl.where(ks[None, :] < K, logits, float("-inf"))
+    weights = tl.exp(logits - tl.max(logits, 1)[:, None])
+    return weights / tl.sum(weights, 1)[:, None]
+
+
+@triton.jit
+def x1_columns(x_frame, r_frame, probs, gate_av, rows, row_mask, cols, col_mask, C, K,
+               KP: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """x1[rows, cols] in float32 (SPEC.md step 3)."""
+    ks = tl.arange(0, KP)
+    x = tl.load(x_frame + rows[:, None] * C + cols[None, :],
+                mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    r = tl.load(r_frame + ks[:, None] * C + cols[None, :],
+                mask=(ks[:, None] < K) & col_mask[None, :], other=0.0)
+    return x + gate_av * matmul(probs, r, DOT, INTERPRET)

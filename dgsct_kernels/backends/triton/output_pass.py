@@ -1,0 +1,111 @@
+"""Pass 4 over the tokens: up projection, bn2, ln_post and the gate (SPEC.md step 9).
+
+Reads z [F, N, H], applies bn1 and relu, the grouped up projection, bn2 as a per-channel
+affine map (batch or running statistics folded on the host), ln_post over the C
+channels (two sweeps for its statistics, one to write) and the gate; writes o.
+"""
+import triton
+import triton.language as tl
+
+from .common import matmul
+from .plan import Launch, tile
+
+
+@triton.jit
+def _pre_norm_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows,
+                     row_mask, group, outs_local, out_mask, N, C, H, GROUPS,
+                     BH: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """bn2(up(relu(bn1(z)))) for output channels group*C/G + outs_local: [BN, BO] float32."""
+    hg = H // GROUPS
+    cg = C // GROUPS
+    hidden = tl.arange(0, BH)
+    hidden_mask = hidden < hg
+    channels = group * hg + hidden
+    mask = row_mask[:, None] & hidden_mask[None, :]
+    z = tl.load(z_ptr + (f * N + rows)[:, None] * H + channels[None, :], mask=mask, other=0.0)
+    scale1 = tl.load(scale1_ptr + channels, mask=hidden_mask, other=0.0)
+    shift1 = tl.load(shift1_ptr + channels, mask=hidden_mask, other=0.0)
+    h = tl.where(mask, tl.maximum(z.to(tl.float32) * scale1[None, :] + shift1[None, :], 0.0), 0.0)
+    outs = group * cg + outs_local
+    w = tl.load(wu_ptr + outs[:, None] * hg + hidden[None, :],
+                mask=out_mask[:, None] & hidden_mask[None, :], other=0.0)
+    o = matmul(h, tl.trans(w), DOT, INTERPRET)
+    scale2 = tl.load(scale2_ptr + outs, mask=out_mask, other=0.0)
+    shift2 = tl.load(shift2_ptr + outs, mask=out_mask, other=0.0)
+    return tl.where(row_mask[:, None] & out_mask[None, :], o * scale2[None, :] + shift2[None, :], 0.0)
+
+
+@triton.jit
+def output_pass_kernel(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr,
+                       lnw_ptr, lnb_ptr, gate_ptr, o_ptr, N, C, H, GROUPS, ln_eps,
+                       BN: tl.constexpr, BO: tl.constexpr, BH: tl.constexpr, USE_LN: tl.constexpr,
+                       USE_GATE: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    f = tl.program_id(0)
+    nb = tl.program_id(1)
+    rows = nb * BN + tl.arange(0, BN)
+    row_mask = rows < N
+    cg = C // GROUPS
+    mean = tl.zeros((BN,), dtype=tl.float32)
+    rstd = tl.full((BN,), 1.0, dtype=tl.float32)
+    if USE_LN:
+        for group in range(0, GROUPS):
+            for o0 in range(0, cg, BO):
+                local = o0 + tl.arange(0, BO)
+                u = _pre_norm_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f,
+                                     rows, row_mask, group, local, local < cg, N, C, H, GROUPS, BH, DOT,
+                                     INTERPRET)
+                mean += tl.sum(u, 1)
+        mean = mean / C
+        var = tl.zeros((BN,), dtype=tl.float32)
+        for group in range(0, GROUPS):
+            for o0 in range(0, cg, BO):
+                local = o0 + tl.arange(0, BO)
+                local_mask = local < cg
+                u = _pre_norm_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f,
+                                     rows, row_mask, group, local, local_mask, N, C, H, GROUPS, BH, DOT,
+                                     INTERPRET)
+                centred = tl.where(local_mask[None, :], u - mean[:, None], 0.0)
+                var += tl.sum(centred * centred, 1)
+        rstd = 1.0 / tl.sqrt(var / C + ln_eps)
+    gate = tl.load(gate_ptr).to(tl.float32) if USE_GATE else 1.0
+    for group in range(0, GROUPS):
+        for o0 in range(0, cg, BO):
+            local = o0 + tl.arange(0, BO)
+            local_mask = local < cg
+            u = _pre_norm_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows,
+                                 row_mask, group, local, local_mask, N, C, H, GROUPS, BH, DOT, INTERPRET)
+            outs = group * cg + local
+            if USE_LN:
+                lnw = tl.load(lnw_ptr + outs, mask=local_mask, other=0.0).to(tl.float32)
+                lnb = tl.load(lnb_ptr + outs, mask=local_mask, other=0.0).to(tl.float32)
+                u = (u - mean[:, None]) * rstd[:, None] * lnw[None, :] + lnb[None, :]
+            tl.store(o_ptr + (f * N + rows)[:, None] * C + outs[None, :], (gate * u).to(o_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & local_mask[None, :])
+
+
+def output_pass_launch(frames, tokens, dim, hidden, groups, itemsize, use_ln) -> Launch:
+    bn, bo, bh = tile(tokens, 16, 32), tile(dim // groups, 16, 64), tile(hidden // groups, 16, 256)
+    token_blocks = triton.cdiv(tokens, bn)
+    sweeps = 3 if use_ln else 1
+    z_bytes = frames * tokens * hidden * itemsize
+    # each output block reloads its group's z columns; each program reads all of W_up
+    return Launch(name="output_pass", grid=(frames, token_blocks), tiles={"BN": bn, "BO": bo, "BH": bh},
+                  bytes_read=sweeps * (triton.cdiv(dim // groups, bo) * z_bytes
+                                       + frames * token_blocks * dim * (hidden // groups) * itemsize),
+                  bytes_written=frames * tokens * dim * itemsize,
+                  flops=2 * frames * tokens * dim * hidden // groups * sweeps)
+
+
+def run_output_pass(launch: Launch, z, bn1_affine, bn2_affine, p, hyper, dim, dot_dtype, interpret):
+    frames, tokens, hidden = z.shape
+    groups = hidden // p["up_sampler.weight"].shape[1]
+    o = z.new_empty(frames, tokens, dim)
+    use_ln = p["ln_post.weight"] is not None
+    use_gate = p["gate"] is not None
+    lnw = p["ln_post.weight"] if use_ln else bn2_affine[0]
+    lnb = p["ln_post.bias"] if use_ln else bn2_affine[0]
+    output_pass_kernel[launch.grid](
+        z, *bn1_affine, p["up_sampler.weight"], *bn2_affine, lnw, lnb,
+        p["gate"] if use_gate else bn2_affine[0], o, tokens, dim, hidden, groups, hyper.ln_post_eps,
+        USE_LN=use_ln, USE_GATE=use_gate, DOT=dot_dtype, INTERPRET=interpret, **launch.tiles)
+    return o

@@ -1,0 +1,74 @@
+"""What one call launches, read and written, and computes: the plan report.
+
+Every launcher derives its grid and tile sizes from a `Launch` made here, and the same
+record carries the traffic and FLOPs, so the report cannot drift from the code. Bytes
+are counted per kernel as if nothing stayed in cache between programs (an upper bound),
+and every intermediate a kernel writes and another reads counts twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import triton
+
+
+@dataclass(frozen=True)
+class Launch:
+    name: str
+    grid: tuple[int, ...]
+    tiles: dict[str, int]
+    bytes_read: int
+    bytes_written: int
+    flops: int
+
+
+@dataclass
+class Plan:
+    launches: list[Launch] = field(default_factory=list)
+    guide_order: str = ""
+    guide_flops: dict[str, int] = field(default_factory=dict)
+
+    def add(self, launch: Launch) -> Launch:
+        self.launches.append(launch)
+        return launch
+
+    @property
+    def bytes_moved(self) -> int:
+        return sum(l.bytes_read + l.bytes_written for l in self.launches)
+
+    @property
+    def flops(self) -> int:
+        return sum(l.flops for l in self.launches)
+
+    def report(self) -> str:
+        rows = [f"{'kernel':<18} {'grid':>18} {'read MB':>10} {'written MB':>11} {'GFLOP':>8}"]
+        for l in self.launches:
+            rows.append(f"{l.name:<18} {str(l.grid):>18} {l.bytes_read / 1e6:>10.2f} "
+                        f"{l.bytes_written / 1e6:>11.2f} {l.flops / 1e9:>8.3f}")
+        rows.append(f"{'total':<18} {len(self.launches):>18} {self.bytes_moved / 1e6:>22.2f} "
+                    f"{self.flops / 1e9:>8.3f}   guide path: {self.guide_order}")
+        return "\n".join(rows)
+
+
+def tile(extent: int, low: int, high: int) -> int:
+    """A power-of-two block size for `extent`, within [low, high] (tl.dot needs >= 16)."""
+    return min(high, max(low, triton.next_power_of_2(extent)))
+
+
+def latents_block(latents: int) -> int:
+    return max(16, triton.next_power_of_2(latents))
+
+
+def guide_path_launch(order: str, frames: int, tokens: int, guide_tokens: int, guide_dim: int,
+                      dim: int, latents: int, itemsize: int, flops: int) -> Launch:
+    """The guide path's PyTorch products in float32, as one record (several kernels)."""
+    F, N, M, D, C, K = frames, tokens, guide_tokens, guide_dim, dim, latents
+    g_read = F * M * D * itemsize
+    upcast = 0 if itemsize == 4 else F * M * D * (itemsize + 2 * 4)  # g.float(): read, write, read
+    wtok = N * M * 4
+    if order == "rewritten":  # Q g^T, (.) Wtok^T, softmax, A Wtok, (.) g: g and Wtok read twice
+        inter = 2 * F * K * M * 4 + 3 * F * K * N * 4 + 2 * F * K * M * 4
+        moved = 2 * g_read + upcast + 2 * wtok + 2 * inter + F * (K + 1) * C * 4
+    else:  # tokens-first: U = Wtok g [F, N, D] is written and read back
+        moved = g_read + upcast + wtok + 2 * 2 * F * N * D * 4 + F * (K + 1) * C * 4
+    return Launch(name="guide_path", grid=(), tiles={}, bytes_read=moved, bytes_written=0, flops=flops)
