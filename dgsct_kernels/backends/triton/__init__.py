@@ -167,7 +167,8 @@ def _forward(x, g, p, hyper, training) -> RawOutputs:
         bn1_affine = _bn_affine(None, None, None, None, 0.0, H, x)
         bn2_affine = _bn_affine(None, None, None, None, 0.0, dim, x)
 
-    o = run_output_pass(launches["output_pass"], z, bn1_affine, bn2_affine, p, hyper, dim, dot, interpret)
+    o = run_output_pass(launches["output_pass"], z, bn1_affine, bn2_affine, p, hyper, dim, x.dtype, dot,
+                        interpret)
     return RawOutputs(o, spatial_map.to(x.dtype), tg.to(x.dtype), *stats)
 
 

@@ -4,7 +4,7 @@ Per token block (SPEC.md steps 6, 8 and 9 up to the first BatchNorm): the spatia
 s = (relu(xc W_video_2^T + b) * qa2) . w + b with xc = x1 (1 + ch), the modulation
 xm = x1 (alpha ch + beta sigmoid(s) + gamma tg + 1 - alpha), its LayerNorm, and
 z = grouped_linear(y, down_sampler). It writes s [F, N] and z [F, N, H] (H = C / r) and,
-per block, the count-free sum and centred sum of squares of z for BatchNorm's batch
+per block, the sum and centred sum of squares of z for BatchNorm's batch
 statistics. x1, xc, xm and y stay on chip.
 """
 import torch
@@ -110,7 +110,9 @@ def bottleneck_pass_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, qa2_ptr, tg_ptr,
                              (y - mean[:, None]) * rstd[:, None] * lnw[None, :] + lnb[None, :], 0.0)
             w = tl.load(wd_ptr + (group * hg + hidden)[:, None] * cg + local[None, :],
                         mask=hidden_mask[:, None] & local_mask[None, :], other=0.0)
-            acc += matmul(y, tl.trans(w), DOT, INTERPRET)
+            # float32 operands: train-mode bn1 divides z by its batch spread, which
+            # magnifies a rounding of y (bf16, measured: 1.05e-2 -> 7.0e-3 of max |o|)
+            acc += matmul(y, tl.trans(w), tl.float32, INTERPRET)
         channels = group * hg + hidden
         out_mask = row_mask[:, None] & hidden_mask[None, :]
         tl.store(z_ptr + (f * N + rows)[:, None] * H + channels[None, :],
@@ -132,7 +134,7 @@ def bottleneck_pass_launch(frames, tokens, dim, latents, hidden, groups, itemsiz
     return Launch(
         name="bottleneck_pass", grid=(frames, token_blocks), tiles={"BN": bn, "BK": bk, "BO": bo, "BH": bh},
         bytes_read=x_bytes * x_sweeps + frames * token_blocks * weights,
-        bytes_written=frames * tokens * (hidden * itemsize + 4) + 2 * frames * token_blocks * hidden * 4,
+        bytes_written=frames * tokens * (hidden + 1) * 4 + 2 * frames * token_blocks * hidden * 4,
         flops=frames * tokens * (2 * dim * (dim // 2) + 2 * dim * hidden // groups
                                  + 4 * dim * latents * x_sweeps))
 
@@ -143,7 +145,8 @@ def run_bottleneck_pass(launch: Launch, x, prompts, gate_av, ch, qa2, tg, p, hyp
     groups = dim // p["down_sampler.weight"].shape[1]
     token_blocks = launch.grid[1]
     s = x.new_empty(frames, tokens, dtype=ch.dtype)
-    z = x.new_empty(frames, tokens, hidden)
+    # float32: BatchNorm divides by z's spread, which can be far below its magnitude
+    z = x.new_empty(frames, tokens, hidden, dtype=torch.float32)
     zsum = x.new_empty(frames, token_blocks, hidden, dtype=ch.dtype)
     zm2 = torch.empty_like(zsum)
     use_ln = p["ln_before.weight"] is not None

@@ -2,7 +2,8 @@
 
 Every pass recomputes x1 = x + gate_av * softmax(x R^T) R from x and the frame's prompt
 tokens R (K rows) instead of reading a stored x1: K is small, so this costs a fraction
-of the pass's own products and saves an [F, N, C] round trip.
+of the pass's own products and saves an [F, N, C] round trip. Both products with R run
+with float32 operands: a low-precision x1 is magnified by train-mode bn1 downstream.
 """
 import triton
 import triton.language as tl
@@ -12,7 +13,7 @@ import triton.language as tl
 def matmul(a, b, DOT: tl.constexpr, INTERPRET: tl.constexpr):
     """a @ b with float32 accumulation; DOT is the operand dtype (the input's)."""
     if DOT == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif INTERPRET:
         # the CPU interpreter mis-computes low-precision tl.dot; rounding the operands to
         # DOT and multiplying in float32 gives the same products (exact in float32)
@@ -35,7 +36,7 @@ def prompt_probabilities(x_frame, r_frame, rows, row_mask, C, K,
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
         r = tl.load(r_frame + ks[:, None] * C + cols[None, :],
                     mask=(ks[:, None] < K) & col_mask[None, :], other=0.0)
-        logits += matmul(x, tl.trans(r), DOT, INTERPRET)
+        logits += matmul(x, tl.trans(r), tl.float32, INTERPRET)
     logits = tl.where(ks[None, :] < K, logits, float("-inf"))
     weights = tl.exp(logits - tl.max(logits, 1)[:, None])
     return weights / tl.sum(weights, 1)[:, None]
@@ -50,4 +51,4 @@ def x1_columns(x_frame, r_frame, probs, gate_av, rows, row_mask, cols, col_mask,
                 mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
     r = tl.load(r_frame + ks[:, None] * C + cols[None, :],
                 mask=(ks[:, None] < K) & col_mask[None, :], other=0.0)
-    return x + gate_av * matmul(probs, r, DOT, INTERPRET)
+    return x + gate_av * matmul(probs, r, tl.float32, INTERPRET)

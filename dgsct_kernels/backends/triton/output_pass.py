@@ -29,7 +29,9 @@ def _pre_norm_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_p
     outs = group * cg + outs_local
     w = tl.load(wu_ptr + outs[:, None] * hg + hidden[None, :],
                 mask=out_mask[:, None] & hidden_mask[None, :], other=0.0)
-    o = matmul(h, tl.trans(w), DOT, INTERPRET)
+    # float32: bn2's batch statistics come from the moments of the unrounded h, so the
+    # values it normalises must not carry a low-precision rounding that the statistics lack
+    o = matmul(h, tl.trans(w), tl.float32, INTERPRET)
     scale2 = tl.load(scale2_ptr + outs, mask=out_mask, other=0.0)
     shift2 = tl.load(shift2_ptr + outs, mask=out_mask, other=0.0)
     return tl.where(row_mask[:, None] & out_mask[None, :], o * scale2[None, :] + shift2[None, :], 0.0)
@@ -87,7 +89,7 @@ def output_pass_launch(frames, tokens, dim, hidden, groups, itemsize, use_ln) ->
     bn, bo, bh = tile(tokens, 16, 32), tile(dim // groups, 16, 64), tile(hidden // groups, 16, 256)
     token_blocks = triton.cdiv(tokens, bn)
     sweeps = 3 if use_ln else 1
-    z_bytes = frames * tokens * hidden * itemsize
+    z_bytes = frames * tokens * hidden * 4  # z is float32
     # each output block reloads its group's z columns; each program reads all of W_up
     return Launch(name="output_pass", grid=(frames, token_blocks), tiles={"BN": bn, "BO": bo, "BH": bh},
                   bytes_read=sweeps * (triton.cdiv(dim // groups, bo) * z_bytes
@@ -96,10 +98,11 @@ def output_pass_launch(frames, tokens, dim, hidden, groups, itemsize, use_ln) ->
                   flops=2 * frames * tokens * dim * hidden // groups * sweeps)
 
 
-def run_output_pass(launch: Launch, z, bn1_affine, bn2_affine, p, hyper, dim, dot_dtype, interpret):
+def run_output_pass(launch: Launch, z, bn1_affine, bn2_affine, p, hyper, dim, out_dtype, dot_dtype,
+                    interpret):
     frames, tokens, hidden = z.shape
     groups = hidden // p["up_sampler.weight"].shape[1]
-    o = z.new_empty(frames, tokens, dim)
+    o = z.new_empty(frames, tokens, dim, dtype=out_dtype)
     use_ln = p["ln_post.weight"] is not None
     use_gate = p["gate"] is not None
     lnw = p["ln_post.weight"] if use_ln else bn2_affine[0]
