@@ -7,9 +7,10 @@
   pass 3       moments_pass (training with BatchNorm): bn2's batch statistics from h's moments
   pass 4       output_pass: bn1, relu, up projection, bn2, ln_post, gate -> o
 
-No [F, N, C] intermediate of steps 3, 5, 6 or 8 is written. The backward is not written
-yet, so this backend runs calls that need no gradient; and until it has been measured on
-a GPU, `auto` does not choose it (select it with backend="triton").
+No [F, N, C] intermediate of steps 3, 5, 6 or 8 is written. The backward is, for now, the
+reference backend's (it recomputes the forward in PyTorch from x, g and the parameters);
+fused Triton backward passes are still to come. Until the backend has been measured on a
+GPU, `auto` does not choose it (select it with backend="triton").
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...config import Hyper, dims_from_params
-from ...dispatch import Backend, Problem, register
+from ...dispatch import Backend, Problem, get_backend, register
 from ...guide_path import plan_guide_path, prompts_and_pooled_guide
 from ...reference import RawOutputs
 
@@ -42,16 +43,14 @@ class TritonBackend(Backend):
     rank = 20
     devices = ("cuda", "cpu")
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    description = "fused Triton passes (forward only so far; CPU through TRITON_INTERPRET=1)"
+    description = ("fused Triton forward passes, PyTorch recomputing backward for now "
+                   "(CPU through TRITON_INTERPRET=1)")
 
     def unavailable_reason(self) -> Optional[str]:
         return f"triton is not importable ({_IMPORT_ERROR})" if _IMPORT_ERROR else None
 
     def shape_reasons(self, problem: Problem) -> list[str]:
         reasons = []
-        if problem.needs_grad:
-            reasons.append("no backward yet (forward-only: call under torch.no_grad or without "
-                           "tensors that require grad)")
         if problem.device_type == "cpu" and not interpreting():
             reasons.append("CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)")
         return reasons
@@ -70,8 +69,9 @@ class TritonBackend(Backend):
     def backward(self, grads: Sequence[Tensor], x: Tensor, g: Tensor,
                  params: Mapping[str, Optional[Tensor]], hyper: Hyper, training: bool,
                  wanted: Sequence[str]) -> dict[str, Tensor]:
-        raise NotImplementedError("the triton backend has no backward yet; dispatch refuses "
-                                  "calls that need one")
+        # Interim: the reference backend's recomputing backward (same saved tensors: x, g
+        # and the parameters). Fused Triton backward passes replace it in a later change.
+        return get_backend("reference").backward(grads, x, g, params, hyper, training, wanted)
 
 
 def _plan(frames, dims, dtype, batch_stats, use_ln_before, use_ln_post):

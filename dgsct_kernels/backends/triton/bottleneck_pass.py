@@ -66,7 +66,7 @@ def bottleneck_pass_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, qa2_ptr, tg_ptr,
         s += tl.sum(tl.maximum(acc + bias[None, :], 0.0) * weight[None, :], 1)
     s += tl.load(bs_ptr).to(tl.float32)
     tl.store(s_ptr + f * N + rows, s, mask=row_mask)
-    sp = 1.0 / (1.0 + tl.exp(-s))
+    sp = tl.sigmoid(s)
     tg = tl.load(tg_ptr + f)
 
     # ln_before statistics over the C channels (two passes: mean, then centred variance)
