@@ -48,6 +48,25 @@ def plan_guide_path(frames: int, tokens: int, guide_tokens: int, guide_dim: int,
     return GuidePlan(order, flops)
 
 
+def guide_path_bytes(order: str, frames: int, tokens: int, guide_tokens: int, guide_dim: int,
+                     dim: int, latents: int, input_itemsize: int) -> int:
+    """DRAM bytes of `prompts_and_pooled_guide` run in float32 on inputs of
+    `input_itemsize` bytes, op by op (each PyTorch op reads its inputs, writes its output)."""
+    F, N, M, D, C, K = frames, tokens, guide_tokens, guide_dim, dim, latents
+    f32 = 4
+    upcast = (F * M * D + N * M) * (input_itemsize + f32)  # g.float() and Wtok.float()
+    small = 4 * F * (K + 1) * C * f32  # [F, K, C] and [F, C] products and sums
+    if order == "rewritten":
+        g_reads, wtok_reads = 3, 2  # Q g^T, (A Wtok) g, wbar g; S and A Wtok
+        km, kn = F * K * M * f32, F * K * N * f32
+        inter = 2 * km + 6 * kn + 2 * km  # Q g^T; S (+bias), softmax, A Wtok reads A; A Wtok
+    else:  # tokens-first
+        g_reads, wtok_reads = 1, 1
+        nd = F * N * D * f32
+        inter = 2 * nd + 4 * nd + 2 * F * K * N * f32 * 2  # U, U + bias; U read by S, A U, mean
+    return upcast + (g_reads * F * M * D + wtok_reads * N * M) * f32 + inter + small
+
+
 def prompts_and_pooled_guide(g: Tensor, p: Mapping[str, Optional[Tensor]], order: str
                              ) -> tuple[Tensor, Tensor]:
     """(R [F, K, C], a [F, C]) in g's dtype, evaluated in `order` (see module docstring)."""

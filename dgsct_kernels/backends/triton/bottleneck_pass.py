@@ -129,15 +129,16 @@ def bottleneck_pass_launch(frames, tokens, dim, latents, hidden, groups, itemsiz
     bn, bk, bo = tile(tokens, 16, 32), tile(dim, 16, 64), tile(dim // 2, 16, 64)
     bh = tile(hidden // groups, 16, 256)
     token_blocks = triton.cdiv(tokens, bn)
-    x_bytes = frames * tokens * dim * itemsize
     x_sweeps = 1 + triton.cdiv(dim // 2, bo) + (2 if use_ln else 0) + 1  # probs, s, LN, down
-    weights = (dim // 2 * dim + hidden * dim // groups) * itemsize
+    weights = (dim // 2 * dim + hidden * dim // groups + 4 * dim) * itemsize
     return Launch(
         name="bottleneck_pass", grid=(frames, token_blocks), tiles={"BN": bn, "BK": bk, "BO": bo, "BH": bh},
-        bytes_read=x_bytes * x_sweeps + frames * token_blocks * weights,
+        bytes_read=frames * tokens * dim * itemsize + weights
+        + frames * (latents + 2) * dim * 4,  # x, weights, R, ch and qa2 (float32)
+        reread_factor=x_sweeps,  # each program sweeps its own x tile this many times
         bytes_written=frames * tokens * (hidden + 1) * 4 + 2 * frames * token_blocks * hidden * 4,
         flops=frames * tokens * (2 * dim * (dim // 2) + 2 * dim * hidden // groups
-                                 + 4 * dim * latents * x_sweeps))
+                                 + 4 * dim * latents * x_sweeps))  # x1 is recomputed per sweep
 
 
 def run_bottleneck_pass(launch: Launch, x, prompts, gate_av, ch, qa2, tg, p, hyper, dot_dtype, interpret):

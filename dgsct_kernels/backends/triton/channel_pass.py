@@ -47,13 +47,13 @@ def channel_pass_kernel(x_ptr, r_ptr, gate_av_ptr, w_ptr, b_ptr, qa1_ptr, partia
 def channel_pass_launch(frames, tokens, dim, latents, itemsize) -> Launch:
     bn, bk, bo = tile(tokens, 16, 64), tile(dim, 16, 64), tile(dim, 16, 64)
     token_blocks, out_blocks = triton.cdiv(tokens, bn), triton.cdiv(dim, bo)
-    x_bytes = frames * tokens * dim * itemsize
     return Launch(
         name="channel_pass", grid=(frames, token_blocks, out_blocks),
         tiles={"BN": bn, "BK": bk, "BO": bo},
-        # x is read by every output-channel block; W_video_1 by every token block
-        bytes_read=x_bytes * out_blocks + frames * token_blocks * dim * dim * itemsize,
+        bytes_read=(frames * tokens * dim + dim * dim + dim) * itemsize  # x, W_video_1, b
+        + frames * (latents + 1) * dim * 4,  # R and qa1 (float32)
         bytes_written=frames * token_blocks * dim * 4,
+        reread_factor=out_blocks,  # programs of one token block share x through the cache
         flops=frames * tokens * (2 * dim * dim + out_blocks * 4 * dim * latents))
 
 

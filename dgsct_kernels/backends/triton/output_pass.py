@@ -89,11 +89,9 @@ def output_pass_launch(frames, tokens, dim, hidden, groups, itemsize, use_ln) ->
     bn, bo, bh = tile(tokens, 16, 32), tile(dim // groups, 16, 64), tile(hidden // groups, 16, 256)
     token_blocks = triton.cdiv(tokens, bn)
     sweeps = 3 if use_ln else 1
-    z_bytes = frames * tokens * hidden * 4  # z is float32
-    # each output block reloads its group's z columns; each program reads all of W_up
     return Launch(name="output_pass", grid=(frames, token_blocks), tiles={"BN": bn, "BO": bo, "BH": bh},
-                  bytes_read=sweeps * (triton.cdiv(dim // groups, bo) * z_bytes
-                                       + frames * token_blocks * dim * (hidden // groups) * itemsize),
+                  bytes_read=frames * tokens * hidden * 4 + dim * (hidden // groups + 4) * itemsize,
+                  reread_factor=sweeps * triton.cdiv(dim // groups, bo),  # z tile per output block
                   bytes_written=frames * tokens * dim * itemsize,
                   flops=2 * frames * tokens * dim * hidden // groups * sweeps)
 

@@ -1,9 +1,11 @@
 """What one call launches, read and written, and computes: the plan report.
 
-Every launcher derives its grid and tile sizes from a `Launch` made here, and the same
-record carries the traffic and FLOPs, so the report cannot drift from the code. Bytes
-are counted per kernel as if nothing stayed in cache between programs (an upper bound),
-and every intermediate a kernel writes and another reads counts twice.
+Every launcher derives its grid and tile sizes from a `Launch` made by its pass's
+`*_launch` function, and the same record carries the traffic and FLOPs, so the report
+cannot drift from the code. Bytes are DRAM bytes under the usual kernel model: each
+distinct byte a kernel touches is read once (a program re-reads its own token tile from
+cache, `reread_factor` times; weights are shared through L2), and every intermediate one
+kernel writes and another reads counts twice. The PyTorch guide path is counted op by op.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class Launch:
     bytes_read: int
     bytes_written: int
     flops: int
+    reread_factor: int = 1  # how often a program re-reads its own tile (cache traffic)
 
 
 @dataclass
@@ -62,13 +65,7 @@ def latents_block(latents: int) -> int:
 def guide_path_launch(order: str, frames: int, tokens: int, guide_tokens: int, guide_dim: int,
                       dim: int, latents: int, itemsize: int, flops: int) -> Launch:
     """The guide path's PyTorch products in float32, as one record (several kernels)."""
-    F, N, M, D, C, K = frames, tokens, guide_tokens, guide_dim, dim, latents
-    g_read = F * M * D * itemsize
-    upcast = 0 if itemsize == 4 else F * M * D * (itemsize + 2 * 4)  # g.float(): read, write, read
-    wtok = N * M * 4
-    if order == "rewritten":  # Q g^T, (.) Wtok^T, softmax, A Wtok, (.) g: g and Wtok read twice
-        inter = 2 * F * K * M * 4 + 3 * F * K * N * 4 + 2 * F * K * M * 4
-        moved = 2 * g_read + upcast + 2 * wtok + 2 * inter + F * (K + 1) * C * 4
-    else:  # tokens-first: U = Wtok g [F, N, D] is written and read back
-        moved = g_read + upcast + wtok + 2 * 2 * F * N * D * 4 + F * (K + 1) * C * 4
-    return Launch(name="guide_path", grid=(), tiles={}, bytes_read=moved, bytes_written=0, flops=flops)
+    from ...guide_path import guide_path_bytes
+    moved = guide_path_bytes(order, frames, tokens, guide_tokens, guide_dim, dim, latents, itemsize)
+    return Launch(name="guide_path (torch)", grid=(), tiles={}, bytes_read=moved, bytes_written=0,
+                  flops=flops)
