@@ -14,7 +14,6 @@ GPU, `auto` does not choose it (select it with backend="triton").
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -29,13 +28,14 @@ from ...reference import RawOutputs
 try:
     import triton
     import triton.language as tl
+
+    from .common import interpreting
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as error:  # the backend reports itself unavailable
     _IMPORT_ERROR = str(error)
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
+    def interpreting() -> bool:
+        return False
 
 
 class TritonBackend(Backend):
@@ -77,6 +77,7 @@ class TritonBackend(Backend):
 def _plan(frames, dims, dtype, batch_stats, use_ln_before, use_ln_post):
     from .bottleneck_pass import bottleneck_pass_launch
     from .channel_pass import channel_pass_launch
+    from .guide_pass import guide_pass_launches
     from .moments_pass import moments_pass_launch
     from .output_pass import output_pass_launch
     from .plan import Plan, guide_path_launch
@@ -86,8 +87,12 @@ def _plan(frames, dims, dtype, batch_stats, use_ln_before, use_ln_post):
     plan = Plan()
     guide = plan_guide_path(frames, N, dims.guide_tokens, dims.guide_dim, C, K)
     plan.guide_order, plan.guide_flops = guide.order, guide.flops
-    plan.add(guide_path_launch(guide.order, frames, N, dims.guide_tokens, dims.guide_dim, C, K,
-                               itemsize, guide.flops[guide.order]))
+    if guide.order == "rewritten":
+        for launch in guide_pass_launches(frames, N, dims.guide_tokens, dims.guide_dim, C, K, itemsize):
+            plan.add(launch)
+    else:
+        plan.add(guide_path_launch(guide.order, frames, N, dims.guide_tokens, dims.guide_dim, C, K,
+                                   itemsize, guide.flops[guide.order]))
     plan.add(channel_pass_launch(frames, N, C, K, itemsize))
     plan.add(bottleneck_pass_launch(frames, N, C, K, H, G, itemsize, use_ln_before))
     if batch_stats:
@@ -111,6 +116,7 @@ def _bn_affine(weight, bias, mean, var, eps, size, like):
 def _forward(x, g, p, hyper, training) -> RawOutputs:
     from .bottleneck_pass import run_bottleneck_pass
     from .channel_pass import run_channel_pass
+    from .guide_pass import run_guide_pass
     from .moments_pass import run_moments_pass
     from .output_pass import run_output_pass
 
@@ -125,8 +131,12 @@ def _forward(x, g, p, hyper, training) -> RawOutputs:
     f32 = {k: (v.float() if v is not None else None) for k, v in p.items()}
 
     # guide path and the per-frame vectors, in float32
-    prompts, pooled = prompts_and_pooled_guide(g.float(), f32, plan.guide_order)
-    prompts = prompts.contiguous()
+    if plan.guide_order == "rewritten":
+        guide = [l for l in plan.launches if l.name.startswith("guide_")]
+        prompts, pooled = run_guide_pass(guide, g, p, interpret)
+    else:
+        prompts, pooled = prompts_and_pooled_guide(g.float(), f32, plan.guide_order)
+        prompts = prompts.contiguous()
     qa1 = F.relu(F.linear(pooled, f32["fc_affine_audio_1.weight"], f32["fc_affine_audio_1.bias"])).contiguous()
     qa2 = F.relu(F.linear(pooled, f32["fc_affine_audio_2.weight"], f32["fc_affine_audio_2.bias"])).contiguous()
     tg = torch.sigmoid(F.linear(pooled, f32["temporal_gated.0.weight"], f32["temporal_gated.0.bias"]))

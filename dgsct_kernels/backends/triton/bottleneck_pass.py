@@ -136,7 +136,9 @@ def bottleneck_pass_launch(frames, tokens, dim, latents, hidden, groups, itemsiz
         bytes_read=frames * tokens * dim * itemsize + weights
         + frames * (latents + 2) * dim * 4,  # x, weights, R, ch and qa2 (float32)
         reread_factor=x_sweeps,  # each program sweeps its own x tile this many times
-        bytes_written=frames * tokens * (hidden + 1) * 4 + 2 * frames * token_blocks * hidden * 4,
+        host_read=frames * tokens * 4 + 2 * frames * token_blocks * hidden * 4,  # s, z statistics
+        writes={"s": ((frames, tokens), 4), "z": ((frames, tokens, hidden), 4),
+                "z_block_sums": ((2, frames, token_blocks, hidden), 4)},
         flops=frames * tokens * (2 * dim * (dim // 2) + 2 * dim * hidden // groups
                                  + 4 * dim * latents * x_sweeps))  # x1 is recomputed per sweep
 

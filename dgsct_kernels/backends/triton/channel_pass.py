@@ -52,8 +52,9 @@ def channel_pass_launch(frames, tokens, dim, latents, itemsize) -> Launch:
         tiles={"BN": bn, "BK": bk, "BO": bo},
         bytes_read=(frames * tokens * dim + dim * dim + dim) * itemsize  # x, W_video_1, b
         + frames * (latents + 1) * dim * 4,  # R and qa1 (float32)
-        bytes_written=frames * token_blocks * dim * 4,
+        writes={"joint_partials": ((frames, token_blocks, dim), 4)},
         reread_factor=out_blocks,  # programs of one token block share x through the cache
+        host_read=frames * token_blocks * dim * 4,
         flops=frames * tokens * (2 * dim * dim + out_blocks * 4 * dim * latents))
 
 

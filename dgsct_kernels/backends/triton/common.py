@@ -5,8 +5,15 @@ tokens R (K rows) instead of reading a stored x1: K is small, so this costs a fr
 of the pass's own products and saves an [F, N, C] round trip. Both products with R run
 with float32 operands: a low-precision x1 is magnified by train-mode bn1 downstream.
 """
+import os
+
 import triton
 import triton.language as tl
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 @triton.jit

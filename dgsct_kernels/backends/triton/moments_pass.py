@@ -46,7 +46,8 @@ def moments_pass_launch(frames, tokens, hidden, groups, itemsize) -> Launch:
     bn, bh = tile(tokens, 16, 64), tile(hidden // groups, 16, 256)
     return Launch(name="moments_pass", grid=(frames, groups), tiles={"BN": bn, "BH": bh}, reread_factor=1,
                   bytes_read=frames * tokens * hidden * 4,  # z is float32
-                  bytes_written=frames * groups * (bh + bh * bh) * 4,
+                  writes={"h_sums": ((frames, groups, bh), 4), "h_moments": ((frames, groups, bh, bh), 4)},
+                  host_read=frames * groups * (bh + bh * bh) * 4,
                   flops=2 * frames * tokens * hidden * hidden // groups)
 
 

@@ -92,7 +92,7 @@ def output_pass_launch(frames, tokens, dim, hidden, groups, itemsize, use_ln) ->
     return Launch(name="output_pass", grid=(frames, token_blocks), tiles={"BN": bn, "BO": bo, "BH": bh},
                   bytes_read=frames * tokens * hidden * 4 + dim * (hidden // groups + 4) * itemsize,
                   reread_factor=sweeps * triton.cdiv(dim // groups, bo),  # z tile per output block
-                  bytes_written=frames * tokens * dim * itemsize,
+                  writes={"o": ((frames, tokens, dim), itemsize)},
                   flops=2 * frames * tokens * dim * hidden // groups * sweeps)
 
 

@@ -9,6 +9,7 @@ kernel writes and another reads counts twice. The PyTorch guide path is counted 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import triton
@@ -20,9 +21,14 @@ class Launch:
     grid: tuple[int, ...]
     tiles: dict[str, int]
     bytes_read: int
-    bytes_written: int
+    writes: dict[str, tuple[tuple[int, ...], int]]  # tensor name -> (shape, bytes per element)
     flops: int
     reread_factor: int = 1  # how often a program re-reads its own tile (cache traffic)
+    host_read: int = 0  # bytes of its outputs that PyTorch reads back (partials, s)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(math.prod(shape) * size for shape, size in self.writes.values())
 
 
 @dataclass
@@ -37,18 +43,19 @@ class Plan:
 
     @property
     def bytes_moved(self) -> int:
-        return sum(l.bytes_read + l.bytes_written for l in self.launches)
+        return sum(l.bytes_read + l.bytes_written + l.host_read for l in self.launches)
 
     @property
     def flops(self) -> int:
         return sum(l.flops for l in self.launches)
 
     def report(self) -> str:
-        rows = [f"{'kernel':<18} {'grid':>18} {'read MB':>10} {'written MB':>11} {'GFLOP':>8}"]
+        rows = [f"{'kernel':<19} {'grid':>14} {'read MB':>9} {'written MB':>11} {'host MB':>8} "
+                f"{'GFLOP':>8}"]
         for l in self.launches:
-            rows.append(f"{l.name:<18} {str(l.grid):>18} {l.bytes_read / 1e6:>10.2f} "
-                        f"{l.bytes_written / 1e6:>11.2f} {l.flops / 1e9:>8.3f}")
-        rows.append(f"{'total':<18} {len(self.launches):>18} {self.bytes_moved / 1e6:>22.2f} "
+            rows.append(f"{l.name:<19} {str(l.grid):>14} {l.bytes_read / 1e6:>9.2f} "
+                        f"{l.bytes_written / 1e6:>11.2f} {l.host_read / 1e6:>8.2f} {l.flops / 1e9:>8.3f}")
+        rows.append(f"{'total':<19} {len(self.launches):>14} {self.bytes_moved / 1e6:>29.2f} MB "
                     f"{self.flops / 1e9:>8.3f}   guide path: {self.guide_order}")
         return "\n".join(rows)
 
@@ -67,5 +74,5 @@ def guide_path_launch(order: str, frames: int, tokens: int, guide_tokens: int, g
     """The guide path's PyTorch products in float32, as one record (several kernels)."""
     from ...guide_path import guide_path_bytes
     moved = guide_path_bytes(order, frames, tokens, guide_tokens, guide_dim, dim, latents, itemsize)
-    return Launch(name="guide_path (torch)", grid=(), tiles={}, bytes_read=moved, bytes_written=0,
+    return Launch(name="guide_path (torch)", grid=(), tiles={}, bytes_read=moved, writes={},
                   flops=flops)
