@@ -36,7 +36,7 @@ import dgsct_kernels
 from dgsct_kernels import dispatch
 from dgsct_kernels.config import OP_PARAM_NAMES
 from dgsct_kernels.reference import reference_forward
-from shapes import GROUPS, NUM_LATENTS, REDUCTION, SEGMENTS, Shape, select_shapes
+from shapes import GROUPS, NUM_LATENTS, REDUCTION, SEGMENTS, Shape, cost, select_shapes
 
 MODES = ("eval-fwd", "train-fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -49,7 +49,8 @@ TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3, torch.bfloat16: 1e-1, tor
 OUTPUT_NAMES = ("residual", "spatial_map", "temporal_gate")
 COLUMNS = ("device", "device_name", "torch", "triton", "date", "backend", "shape", "N", "C", "M",
            "D", "F", "dtype", "mode", "median_ms", "p10_ms", "p90_ms", "repeats",
-           "speedup_vs_eager", "saved_bytes", "saved_over_x", "saved_activation_bytes")
+           "speedup_vs_eager", "saved_bytes", "saved_over_x", "saved_activation_bytes",
+           "floor_bytes", "plan_bytes", "achieved_gbps", "vs_bandwidth_floor")
 
 Outputs = tuple[Tensor, Tensor, Tensor]  # residual [F, N, C], spatial_map [F, N], temporal_gate [F]
 
@@ -272,6 +273,25 @@ def make_step(contender: Contender, training: bool, grad_outputs: Outputs) -> Ca
     return step
 
 
+def copy_bandwidth_gbps(device: torch.device, megabytes: int) -> float:
+    """Measured read+write bandwidth of a plain device copy: the yardstick of the floor."""
+    src = torch.empty(megabytes * 2 ** 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = time_ms(lambda: dst.copy_(src), warmup=2, repeats=10, device=device)
+    return 2 * src.numel() / (float(np.median(times)) * 1e-3) / 1e9
+
+
+def plan_bytes(backend_name: str, shape: Shape, frames: int, dtype: torch.dtype,
+               training: bool) -> Optional[int]:
+    """The forward's DRAM bytes from a backend's plan report, for backends that have one."""
+    if backend_name not in dispatch.backend_names()[1:]:
+        return None
+    backend = dispatch.get_backend(backend_name)
+    if not hasattr(backend, "plan"):
+        return None
+    return backend.plan(frames, shape.dims(), dtype, training, True, True, True).bytes_moved
+
+
 def time_ms(step: Callable[[], None], warmup: int, repeats: int,
             device: torch.device) -> list[float]:
     for _ in range(warmup):
@@ -361,6 +381,8 @@ def run_case(shape: Shape, mode: str, args: argparse.Namespace, env: dict,
         median, p10, p90 = np.percentile(times, [50, 10, 90]).tolist()
         saved, activations = saved_for_backward(contender) if training else (None, None)
         eager_ms = rows[0]["median_ms"] if rows else median
+        floor = cost(shape, F, x.element_size()).floor_bytes
+        planned = None if training else plan_bytes(contender.name, shape, F, args.dtype, training)
         rows.append({
             **{k: env[k] for k in ("device", "device_name", "torch", "triton", "date")},
             "backend": contender.name, "shape": shape.label, "N": shape.tokens, "C": shape.dim,
@@ -369,6 +391,10 @@ def run_case(shape: Shape, mode: str, args: argparse.Namespace, env: dict,
             "repeats": args.repeats, "speedup_vs_eager": eager_ms / median, "saved_bytes": saved,
             "saved_over_x": None if saved is None else saved / x_bytes,
             "saved_activation_bytes": activations,
+            # eval forward only: time against the floor's bytes at the measured copy bandwidth
+            "floor_bytes": floor, "plan_bytes": planned,
+            "achieved_gbps": None if planned is None else planned / (median * 1e-3) / 1e9,
+            "vs_bandwidth_floor": None if training else median / (floor / (env["copy_gbps"] * 1e9) * 1e3),
         })
         progress(f"{step_label} {shape.label} {mode} {contender.name}: median {median:.2f} ms "
                  f"(p10 {p10:.2f}, p90 {p90:.2f}); first step {first_s:.1f} s")
@@ -387,11 +413,13 @@ def first_step(contender: Contender, training: bool, grad_outputs: Outputs) -> O
 
 def format_table(rows: list[dict]) -> str:
     header = ("shape", "mode", "backend", "median ms", "p10-p90 ms", "vs eager", "saved MB",
-              "saved/x", "activ. MB")
+              "saved/x", "activ. MB", "x floor", "GB/s")
     body = [(r["shape"], r["mode"], r["backend"], f"{r['median_ms']:.2f}",
              f"{r['p10_ms']:.2f}-{r['p90_ms']:.2f}", f"{r['speedup_vs_eager']:.2f}x",
              _maybe(r["saved_bytes"], 1e-6, "{:.1f}"), _maybe(r["saved_over_x"], 1, "{:.2f}"),
-             _maybe(r["saved_activation_bytes"], 1e-6, "{:.1f}")) for r in rows]
+             _maybe(r["saved_activation_bytes"], 1e-6, "{:.1f}"),
+             _maybe(r["vs_bandwidth_floor"], 1, "{:.2f}"), _maybe(r["achieved_gbps"], 1, "{:.0f}"))
+            for r in rows]
     widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(str(v).rjust(w) if i >= 3 else str(v).ljust(w)
                        for i, (v, w) in enumerate(zip(line, widths))) for line in [header, *body]]
@@ -459,6 +487,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     env = environment(args)
     env["busy_cores_before"] = busy_cores()
+    env["copy_gbps"] = copy_bandwidth_gbps(args.device, 1024 if args.device.type == "cuda" else 256)
+    progress(f"device copy bandwidth: {env['copy_gbps']:.1f} GB/s")
     progress(f"dgsct benchmark: {env['device_name']} ({args.device}), {env['dtype']}, "
              f"F={args.frames}, warmup {args.warmup}, repeats {args.repeats}, compile "
              f"{'off' if args.no_compile else args.compile_mode}; writing to {args.out}")
