@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import matmul, prompt_probabilities, x1_columns
+from .common import matmul, prompt_probabilities, x1_columns, x1_times_weight
 from .plan import Launch, latents_block, tile
 
 
@@ -50,16 +50,8 @@ def bottleneck_pass_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, qa2_ptr, tg_ptr,
     for o0 in range(0, HALF, BO):
         outs = o0 + tl.arange(0, BO)
         out_mask = outs < HALF
-        acc = tl.zeros((BN, BO), dtype=tl.float32)
-        for c0 in range(0, C, BK):
-            cols = c0 + tl.arange(0, BK)
-            col_mask = cols < C
-            x1 = x1_columns(x_frame, r_frame, probs, gate_av, rows, row_mask, cols, col_mask, C, K,
-                            KP, DOT, INTERPRET)
-            ch = tl.load(ch_frame + cols, mask=col_mask, other=0.0)
-            w = tl.load(w2_ptr + outs[:, None] * C + cols[None, :],
-                        mask=out_mask[:, None] & col_mask[None, :], other=0.0)
-            acc += matmul(x1 * (1.0 + ch[None, :]), tl.trans(w), DOT, INTERPRET)
+        acc = x1_times_weight(x_frame, r_frame, probs, gate_av, ch_frame, w2_ptr, rows, row_mask, outs,
+                              out_mask, C, K, BN, BK, BO, KP, True, DOT, INTERPRET)
         bias = tl.load(b2_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)
         weight = (tl.load(qa2_ptr + f * HALF + outs, mask=out_mask, other=0.0)
                   * tl.load(ws_ptr + outs, mask=out_mask, other=0.0).to(tl.float32))

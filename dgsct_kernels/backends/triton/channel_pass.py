@@ -7,7 +7,7 @@ partials in a fixed order (deterministic, no atomics). x1 is never stored.
 import triton
 import triton.language as tl
 
-from .common import matmul, prompt_probabilities, x1_columns
+from .common import prompt_probabilities, x1_times_weight
 from .plan import Launch, latents_block, tile
 
 
@@ -28,15 +28,8 @@ def channel_pass_kernel(x_ptr, r_ptr, gate_av_ptr, w_ptr, b_ptr, qa1_ptr, partia
 
     outs = ob * BO + tl.arange(0, BO)
     out_mask = outs < C
-    acc = tl.zeros((BN, BO), dtype=tl.float32)
-    for c0 in range(0, C, BK):
-        cols = c0 + tl.arange(0, BK)
-        col_mask = cols < C
-        x1 = x1_columns(x_frame, r_frame, probs, gate_av, rows, row_mask, cols, col_mask, C, K,
-                        KP, DOT, INTERPRET)
-        w = tl.load(w_ptr + outs[:, None] * C + cols[None, :],
-                    mask=out_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += matmul(x1, tl.trans(w), DOT, INTERPRET)
+    acc = x1_times_weight(x_frame, r_frame, probs, gate_av, qa1_ptr, w_ptr, rows, row_mask, outs,
+                          out_mask, C, K, BN, BK, BO, KP, False, DOT, INTERPRET)
     bias = tl.load(b_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)
     qv1 = tl.where(row_mask[:, None], tl.maximum(acc + bias[None, :], 0.0), 0.0)
     qa1 = tl.load(qa1_ptr + f * C + outs, mask=out_mask, other=0.0)

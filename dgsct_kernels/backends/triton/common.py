@@ -59,3 +59,22 @@ def x1_columns(x_frame, r_frame, probs, gate_av, rows, row_mask, cols, col_mask,
     r = tl.load(r_frame + ks[:, None] * C + cols[None, :],
                 mask=(ks[:, None] < K) & col_mask[None, :], other=0.0)
     return x + gate_av * matmul(probs, r, tl.float32, INTERPRET)
+
+
+@triton.jit
+def x1_times_weight(x_frame, r_frame, probs, gate_av, ch_frame, w_ptr, rows, row_mask, outs, out_mask,
+                    C, K, BN: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, KP: tl.constexpr,
+                    CHANNEL_GAIN: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """x1 W[outs]^T, or xc W[outs]^T with xc = x1 (1 + ch) if CHANNEL_GAIN: [BN, BO] float32."""
+    acc = tl.zeros((BN, BO), dtype=tl.float32)
+    for c0 in range(0, C, BK):
+        cols = c0 + tl.arange(0, BK)
+        col_mask = cols < C
+        x1 = x1_columns(x_frame, r_frame, probs, gate_av, rows, row_mask, cols, col_mask, C, K,
+                        KP, DOT, INTERPRET)
+        if CHANNEL_GAIN:
+            x1 = x1 * (1.0 + tl.load(ch_frame + cols, mask=col_mask, other=0.0))[None, :]
+        w = tl.load(w_ptr + outs[:, None] * C + cols[None, :],
+                    mask=out_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += matmul(x1, tl.trans(w), DOT, INTERPRET)
+    return acc
