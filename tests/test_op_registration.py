@@ -4,13 +4,19 @@ import copy
 import pytest
 import torch
 
+from dgsct_kernels import dispatch
 from dgsct_kernels.ops import dgsct_forward, pack_params
 from _support import SMALL, Case, assert_close, make_inputs, make_module
 
 
-def _op_args(module, x, g, training):
+def _op_args(module, x, g, training, backend="reference"):
     tensors, layout = pack_params(module.op_params())
-    return (x, g, tensors, layout, list(module.hyper()), training, "reference")
+    return (x, g, tensors, layout, list(module.hyper()), training, backend)
+
+
+def _float32_cpu_backends():
+    probe = dispatch.Problem("cpu", torch.float32, make_module(SMALL).dims, SMALL.frames, True, True, True)
+    return [b.name for b in dispatch.registered_backends() if b.supports(probe)]
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -21,10 +27,12 @@ def test_opcheck(training, options):
     torch.library.opcheck(dgsct_forward, _op_args(module, x.requires_grad_(), g.requires_grad_(), training))
 
 
-def test_opcheck_float32():
+@pytest.mark.parametrize("backend", _float32_cpu_backends())
+def test_opcheck_float32(backend):
     module = make_module(SMALL, dtype=torch.float32)
     x, g = make_inputs(SMALL, dtype=torch.float32)
-    torch.library.opcheck(dgsct_forward, _op_args(module, x.requires_grad_(), g, True))
+    for training in (True, False):
+        torch.library.opcheck(dgsct_forward, _op_args(module, x.clone().requires_grad_(), g, training, backend))
 
 
 def test_fake_shapes_match_real_outputs():
