@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn

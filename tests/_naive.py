@@ -84,7 +84,9 @@ def naive_dgsct(x, g, p, *, alpha, beta, gamma, groups, training, eps=1e-5, mome
         # 8. modulation
         xm = x1 * (alpha * ch + beta * sp_sig[:, None] + gamma * tg + 1 - alpha)
         # 9. bottleneck, up to the first BatchNorm
-        y = _layer_norm(xm, p["ln_before.weight"], p["ln_before.bias"], eps) if p.get("ln_before.weight") is not None else xm
+        y = xm
+        if p.get("ln_before.weight") is not None:
+            y = _layer_norm(xm, p["ln_before.weight"], p["ln_before.bias"], eps)
         pre_bn1.append(_conv1x1(y, p["down_sampler.weight"], groups))
     stats = {}
     hidden_frames = pre_bn1

@@ -21,7 +21,7 @@ def _plan(shape, training):
 def test_guide_path_runs_the_cheapest_association(shape):
     plan = _plan(shape, training=False)
     assert plan.guide_flops[plan.guide_order] == min(plan.guide_flops.values()), plan.guide_flops
-    guide_flops = sum(l.flops for l in plan.launches if l.name.startswith("guide"))
+    guide_flops = sum(k.flops for k in plan.launches if k.name.startswith("guide"))
     assert guide_flops == plan.guide_flops[plan.guide_order]
 
 
@@ -31,10 +31,10 @@ def test_forward_writes_no_token_sized_intermediate(shape, training):
     """The only [F, N, C] tensor written is o itself (no x1, qv1, xc, qv2 or xm)."""
     plan = _plan(shape, training)
     d = shape.dims()
-    written = [(l.name, name, shp) for l in plan.launches for name, (shp, _) in l.writes.items()]
+    written = [(k.name, name, shp) for k in plan.launches for name, (shp, _) in k.writes.items()]
     token_sized = [w for w in written if w[2] == (FRAMES, d.tokens, d.dim)]
     assert token_sized == [("output_pass", "o", (FRAMES, d.tokens, d.dim))], written
-    assert [l.name for l in plan.launches].count("moments_pass") == int(training)
+    assert [k.name for k in plan.launches].count("moments_pass") == int(training)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

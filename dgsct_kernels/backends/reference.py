@@ -1,9 +1,10 @@
 """The `reference` backend: SPEC.md in PyTorch (`reference.py`), runnable anywhere.
 
 It computes in float32 for bfloat16/float16 inputs (float32 accumulation, like the fused
-backends) and returns outputs in the input dtype. Its backward recomputes the forward from x, g and the parameters and differentiates it
-with `torch.func.vjp`, so the op saves no activations; the autograd graph of the eager
-module is what `benchmarks/run.py` calls "eager".
+backends) and returns outputs in the input dtype. Its backward recomputes the forward
+from x, g and the parameters and differentiates it with `torch.func.vjp`, so the op
+saves no activations; the autograd graph of the eager module is what
+`benchmarks/run.py` calls "eager".
 """
 from __future__ import annotations
 

@@ -126,16 +126,19 @@ def _forward(x, g, p, hyper, training) -> RawOutputs:
     dims = dims_from_params(p)
     plan = _plan(frames, dims, x.dtype, batch_stats, p["ln_before.weight"] is not None,
                  p["ln_post.weight"] is not None)
-    launches = {l.name: l for l in plan.launches}
+    launches = {k.name: k for k in plan.launches}
     dot, interpret = _dot_dtype(x.dtype), interpreting()
-    f32 = {k: (v.float() if v is not None else None) for k, v in p.items()}
+    # the small per-frame layers run in float32; the large weights stay in x's dtype
+    f32 = {k: v.float() for k, v in p.items()
+           if v is not None and k.startswith(("fc_affine", "temporal_gated"))}
 
     # guide path and the per-frame vectors, in float32
     if plan.guide_order == "rewritten":
-        guide = [l for l in plan.launches if l.name.startswith("guide_")]
+        guide = [k for k in plan.launches if k.name.startswith("guide_")]
         prompts, pooled = run_guide_pass(guide, g, p, interpret)
     else:
-        prompts, pooled = prompts_and_pooled_guide(g.float(), f32, plan.guide_order)
+        guide_params = {k: v.float() if v is not None else None for k, v in p.items()}
+        prompts, pooled = prompts_and_pooled_guide(g.float(), guide_params, plan.guide_order)
         prompts = prompts.contiguous()
     qa1 = F.relu(F.linear(pooled, f32["fc_affine_audio_1.weight"], f32["fc_affine_audio_1.bias"])).contiguous()
     qa2 = F.relu(F.linear(pooled, f32["fc_affine_audio_2.weight"], f32["fc_affine_audio_2.bias"])).contiguous()

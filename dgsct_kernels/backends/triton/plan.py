@@ -30,6 +30,10 @@ class Launch:
     def bytes_written(self) -> int:
         return sum(math.prod(shape) * size for shape, size in self.writes.values())
 
+    @property
+    def bytes_moved(self) -> int:
+        return self.bytes_read + self.bytes_written + self.host_read
+
 
 @dataclass
 class Plan:
@@ -43,18 +47,18 @@ class Plan:
 
     @property
     def bytes_moved(self) -> int:
-        return sum(l.bytes_read + l.bytes_written + l.host_read for l in self.launches)
+        return sum(launch.bytes_moved for launch in self.launches)
 
     @property
     def flops(self) -> int:
-        return sum(l.flops for l in self.launches)
+        return sum(launch.flops for launch in self.launches)
 
     def report(self) -> str:
         rows = [f"{'kernel':<19} {'grid':>14} {'read MB':>9} {'written MB':>11} {'host MB':>8} "
                 f"{'GFLOP':>8}"]
-        for l in self.launches:
-            rows.append(f"{l.name:<19} {str(l.grid):>14} {l.bytes_read / 1e6:>9.2f} "
-                        f"{l.bytes_written / 1e6:>11.2f} {l.host_read / 1e6:>8.2f} {l.flops / 1e9:>8.3f}")
+        for k in self.launches:
+            rows.append(f"{k.name:<19} {str(k.grid):>14} {k.bytes_read / 1e6:>9.2f} "
+                        f"{k.bytes_written / 1e6:>11.2f} {k.host_read / 1e6:>8.2f} {k.flops / 1e9:>8.3f}")
         rows.append(f"{'total':<19} {len(self.launches):>14} {self.bytes_moved / 1e6:>29.2f} MB "
                     f"{self.flops / 1e9:>8.3f}   guide path: {self.guide_order}")
         return "\n".join(rows)
