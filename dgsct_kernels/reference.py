@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Hyper, accumulation_dtype
+from .guide_path import prompts_and_pooled_guide
 
 
 class RawOutputs(NamedTuple):
@@ -58,22 +59,29 @@ def _batch_norm(z: Tensor, p: Mapping[str, Optional[Tensor]], prefix: str, eps: 
 
 
 def reference_forward(x: Tensor, g: Tensor, p: Mapping[str, Optional[Tensor]], hyper: Hyper,
-                      training: bool) -> RawOutputs:
-    """SPEC.md's forward. `p` maps the authors' parameter names to tensors (None: layer off)."""
+                      training: bool, guide_order: Optional[str] = None) -> RawOutputs:
+    """SPEC.md's forward. `p` maps the authors' parameter names to tensors (None: layer off).
+
+    `guide_order` None runs steps 1, 2 and 4 as written (P is formed); an order from
+    `guide_path.RUNNABLE` computes the same R and a without P.
+    """
     C = x.shape[-1]
-    # 1. guide projection: token mixing, then channel mapping
-    wtok = p["conv_adapter.weight"].reshape(p["conv_adapter.weight"].shape[0], -1)  # [N, M]
-    u = torch.matmul(wtok, g) + p["conv_adapter.bias"][:, None]  # [F, N, D]
-    guide = F.linear(u, p["fc.weight"], p["fc.bias"])  # P: [F, N, C]
-    # 2. latent prompt tokens read the guide
-    tokens = p["my_tokens"]  # [K, C]
-    scores = torch.matmul(tokens, guide.transpose(1, 2)).softmax(-1)  # [F, K, N]
-    prompts = tokens + torch.matmul(scores, guide)  # R: [F, K, C]
+    if guide_order is None:
+        # 1. guide projection: token mixing, then channel mapping
+        wtok = p["conv_adapter.weight"].reshape(p["conv_adapter.weight"].shape[0], -1)  # [N, M]
+        u = torch.matmul(wtok, g) + p["conv_adapter.bias"][:, None]  # [F, N, D]
+        guide = F.linear(u, p["fc.weight"], p["fc.bias"])  # P: [F, N, C]
+        # 2. latent prompt tokens read the guide
+        tokens = p["my_tokens"]  # [K, C]
+        scores = torch.matmul(tokens, guide.transpose(1, 2)).softmax(-1)  # [F, K, N]
+        prompts = tokens + torch.matmul(scores, guide)  # R: [F, K, C]
+        # 4. pooled guide
+        pooled = guide.mean(1)  # a: [F, C]
+    else:
+        prompts, pooled = prompts_and_pooled_guide(g, p, guide_order)
     # 3. target reads the prompt tokens
     attn = torch.matmul(x, prompts.transpose(1, 2)).softmax(-1)  # [F, N, K]
     x1 = x + p["gate_av"] * torch.matmul(attn, prompts)
-    # 4. pooled guide
-    pooled = guide.mean(1)  # a: [F, C]
     # 5. channel attention
     qa1 = F.relu(F.linear(pooled, p["fc_affine_audio_1.weight"], p["fc_affine_audio_1.bias"]))
     qv1 = F.relu(F.linear(x1, p["fc_affine_video_1.weight"], p["fc_affine_video_1.bias"]))

@@ -117,3 +117,17 @@ def test_gradcheck_through_the_op():
         inputs = (x.requires_grad_(), g.requires_grad_(), *[p.detach().clone().requires_grad_() for p in params])
         # running stats advance on every call in training; the gradient does not depend on them
         assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["tokens-first", "rewritten"])
+@pytest.mark.parametrize("case", ODD_SHAPES, ids=str)
+def test_guide_path_orders_agree_with_the_literal_one(case, order):
+    """SPEC.md's identities: R and a without forming P, to float64 rounding."""
+    from dgsct_kernels.reference import reference_forward
+    module = make_module(case, gamma=0.2).train()
+    x, g = make_inputs(case)
+    literal = reference_forward(x, g, module.op_params(), module.hyper(), True)
+    reordered = reference_forward(x, g, module.op_params(), module.hyper(), True, guide_order=order)
+    for name, a, b in zip(literal._fields, reordered, literal):
+        if b.numel():
+            assert_close(a, b, F64_TOL, f"{order} {name}")

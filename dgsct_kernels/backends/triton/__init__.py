@@ -7,13 +7,15 @@
   pass 3       moments_pass (training with BatchNorm): bn2's batch statistics from h's moments
   pass 4       output_pass: bn1, relu, up projection, bn2, ln_post, gate -> o
 
-No [F, N, C] intermediate of steps 3, 5, 6 or 8 is written. The backward is, for now, the
-reference backend's (it recomputes the forward in PyTorch from x, g and the parameters);
-fused Triton backward passes are still to come. Until the backend has been measured on a
+No [F, N, C] intermediate of steps 3, 5, 6 or 8 is written. The backward is, for now,
+PyTorch: it recomputes SPEC.md in float32 from x, g and the parameters (guide path in the
+forward's order, P never formed) and differentiates it; fused Triton backward passes are
+still to come. Until the backend has been measured on a
 GPU, `auto` does not choose it (select it with backend="triton").
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -21,9 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...config import Hyper, dims_from_params
-from ...dispatch import Backend, Problem, get_backend, register
+from ...dispatch import Backend, Problem, register
 from ...guide_path import plan_guide_path, prompts_and_pooled_guide
 from ...reference import RawOutputs
+from ..reference import forward_in_accumulation_dtype, recompute_backward
 
 try:
     import triton
@@ -43,7 +46,7 @@ class TritonBackend(Backend):
     rank = 20
     devices = ("cuda", "cpu")
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    description = ("fused Triton forward passes, PyTorch recomputing backward for now "
+    description = ("fused Triton forward passes; recomputing PyTorch backward for now "
                    "(CPU through TRITON_INTERPRET=1)")
 
     def unavailable_reason(self) -> Optional[str]:
@@ -69,9 +72,14 @@ class TritonBackend(Backend):
     def backward(self, grads: Sequence[Tensor], x: Tensor, g: Tensor,
                  params: Mapping[str, Optional[Tensor]], hyper: Hyper, training: bool,
                  wanted: Sequence[str]) -> dict[str, Tensor]:
-        # Interim: the reference backend's recomputing backward (same saved tensors: x, g
-        # and the parameters). Fused Triton backward passes replace it in a later change.
-        return get_backend("reference").backward(grads, x, g, params, hyper, training, wanted)
+        # Interim, until fused Triton backward passes exist: recompute SPEC.md in PyTorch
+        # (float32) from x, g and the parameters, with the guide path in the forward's
+        # order (P never formed), and differentiate it.
+        frames, tokens, dim = x.shape
+        d = dims_from_params(params)
+        order = plan_guide_path(frames, tokens, d.guide_tokens, d.guide_dim, dim, d.num_latents).order
+        forward = functools.partial(forward_in_accumulation_dtype, guide_order=order)
+        return recompute_backward(forward, grads, x, g, params, hyper, training, wanted)
 
 
 def _plan(frames, dims, dtype, batch_stats, use_ln_before, use_ln_post):
