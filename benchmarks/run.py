@@ -230,7 +230,7 @@ def contenders(shape: Shape, base: dgsct_kernels.FusedDGSCT, x: Tensor, g: Tenso
             return compiled()
 
         found.append(Contender("compile", compiled_forward, found[0].wrt, own))
-    problem = dispatch.Problem.of(x, base.dims, training, use_bn=True, needs_grad=training)
+    problem = dispatch.Problem.of(x, base.dims, training, use_bn=True)
     for backend in dispatch.registered_backends():
         reasons = backend.not_supported_reasons(problem)
         if reasons:

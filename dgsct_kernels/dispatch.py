@@ -37,11 +37,10 @@ class Problem:
     frames: int
     training: bool
     use_bn: bool
-    needs_grad: bool = False  # autograd will call the backward
 
     @staticmethod
-    def of(x: Tensor, dims: Dims, training: bool, use_bn: bool, needs_grad: bool = False) -> "Problem":
-        return Problem(x.device.type, x.dtype, dims, x.shape[0], training, use_bn, needs_grad)
+    def of(x: Tensor, dims: Dims, training: bool, use_bn: bool) -> "Problem":
+        return Problem(x.device.type, x.dtype, dims, x.shape[0], training, use_bn)
 
 
 class Backend(abc.ABC):

@@ -51,9 +51,7 @@ def apply_dgsct(x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], hy
     if training and use_bn and x.shape[0] * x.shape[1] < 2:
         raise ValueError(f"x: shape {tuple(x.shape)} has F*N = 1 token; BatchNorm in training "
                          "mode needs more than one value per channel")
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, g, *params.values()))
-    chosen = dispatch.resolve(dispatch.Problem.of(x, dims, training, use_bn, needs_grad), backend)
+    chosen = dispatch.resolve(dispatch.Problem.of(x, dims, training, use_bn), backend)
     raw = call_forward(x, g, params, hyper, training, chosen.name)
     if training and use_bn:
         tokens = x.shape[0] * x.shape[1]

@@ -28,10 +28,6 @@ class GuidePlan:
     order: str
     flops: dict[str, int]  # per order, the matrix-product FLOPs of steps 1, 2 and 4
 
-    @property
-    def cheapest_of_all(self) -> str:
-        return min(self.flops, key=self.flops.get)
-
 
 def plan_guide_path(frames: int, tokens: int, guide_tokens: int, guide_dim: int, dim: int,
                     num_latents: int) -> GuidePlan:

@@ -19,12 +19,12 @@ CASES = [Case(frames=4, tokens=24, dim=32, guide_tokens=20, guide_dim=16, num_la
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _backends_on_cpu(needs_grad: bool):
-    probe = dispatch.Problem("cpu", torch.float32, make_module(CASES[0]).dims, 4, True, True, needs_grad)
+def _backends_on_cpu():
+    probe = dispatch.Problem("cpu", torch.float32, make_module(CASES[0]).dims, 4, True, True)
     return [b.name for b in dispatch.registered_backends() if b.supports(probe)]
 
 
-@pytest.mark.parametrize("backend", _backends_on_cpu(needs_grad=False))
+@pytest.mark.parametrize("backend", _backends_on_cpu())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -75,7 +75,7 @@ def _eager(module, x, g):
     return out.residual, out.spatial_map, out.temporal_gate
 
 
-@pytest.mark.parametrize("backend", _backends_on_cpu(needs_grad=True))
+@pytest.mark.parametrize("backend", _backends_on_cpu())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -115,7 +115,7 @@ def test_gradients_against_float64(backend, dtype, training, case):
             assert_close(b, oracle.get_buffer(name), tol, f"{backend} {dtype} buffer {name}")
 
 
-@pytest.mark.parametrize("backend", _backends_on_cpu(needs_grad=True))
+@pytest.mark.parametrize("backend", _backends_on_cpu())
 def test_deterministic(backend):
     case = CASES[0]
     results = []
@@ -131,7 +131,7 @@ def test_deterministic(backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", _backends_on_cpu(needs_grad=True))
+@pytest.mark.parametrize("backend", _backends_on_cpu())
 def test_bfloat16_large_inputs_stay_finite(backend):
     """SPEC.md: no NaN or Inf for |x| up to 1e4 (what a bf16 encoder produces)."""
     case = CASES[0]
@@ -147,7 +147,7 @@ def test_bfloat16_large_inputs_stay_finite(backend):
     assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("backend", _backends_on_cpu(needs_grad=False))
+@pytest.mark.parametrize("backend", _backends_on_cpu())
 def test_forward_with_wide_channels(backend):
     """C beyond 1536 and not a power of two (channel loops, masking), in bf16 training."""
     case = Case(frames=2, tokens=3, dim=1600, guide_tokens=5, guide_dim=24, num_latents=32, reduction=8,

@@ -45,9 +45,7 @@ def supporting_backends(shape_label: str, training: bool, monkeypatch) -> set[st
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from shapes import SHAPES
 
-    # the runner's training mode is forward+backward: it needs a backward
-    problem = dispatch.Problem("cpu", torch.float32, SHAPES[shape_label].dims(), 10, training, True,
-                               needs_grad=training)
+    problem = dispatch.Problem("cpu", torch.float32, SHAPES[shape_label].dims(), 10, training, True)
     return {b.name for b in dispatch.registered_backends() if b.supports(problem)}
 
 

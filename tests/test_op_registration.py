@@ -15,7 +15,7 @@ def _op_args(module, x, g, training, backend="reference"):
 
 
 def _float32_cpu_backends():
-    probe = dispatch.Problem("cpu", torch.float32, make_module(SMALL).dims, SMALL.frames, True, True, True)
+    probe = dispatch.Problem("cpu", torch.float32, make_module(SMALL).dims, SMALL.frames, True, True)
     return [b.name for b in dispatch.registered_backends() if b.supports(probe)]
 
 

@@ -10,8 +10,8 @@
 No [F, N, C] intermediate of steps 3, 5, 6 or 8 is written. The backward is, for now,
 PyTorch: it recomputes SPEC.md in float32 from x, g and the parameters (guide path in the
 forward's order, P never formed) and differentiates it; fused Triton backward passes are
-still to come. Until the backend has been measured on a
-GPU, `auto` does not choose it (select it with backend="triton").
+still to come. Until the backend has been measured on a GPU, `auto` does not choose it
+(select it with backend="triton").
 """
 from __future__ import annotations
 
