@@ -39,6 +39,16 @@ ODD_SHAPES = [
 ]
 
 
+# the optional layers, switched off alone and together
+OPTION_SETS = {
+    "all-on": {},
+    "no-bn": {"use_bn": False},
+    "no-gate": {"use_gate": False},
+    "no-layernorms": {"ln_before": False, "ln_post": False},
+    "bare": {"use_bn": False, "use_gate": False, "ln_before": False, "ln_post": False},
+}
+
+
 def make_module(case: Case = SMALL, *, seed: int = 0, dtype=torch.float64, **options) -> FusedDGSCT:
     """A module whose every parameter and buffer is random and O(1), so no term is zero."""
     torch.manual_seed(seed)

@@ -11,7 +11,7 @@ import torch
 
 from dgsct_kernels import dispatch
 from dgsct_kernels.reference import reference_forward
-from _support import SPEC_TOLERANCE, Case, assert_close, make_inputs, make_module, relative_error
+from _support import OPTION_SETS, SPEC_TOLERANCE, Case, assert_close, make_inputs, make_module, relative_error
 
 CASES = [Case(frames=4, tokens=24, dim=32, guide_tokens=20, guide_dim=16, num_latents=8, reduction=4),
          Case(frames=3, tokens=1, dim=10, guide_tokens=7, guide_dim=5, num_latents=3, reduction=5, segments=3),
@@ -80,10 +80,21 @@ def _eager(module, x, g):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_gradients_against_float64(backend, dtype, training, case):
+    _check_gradients(backend, dtype, training, case)
+
+
+@pytest.mark.parametrize("backend", _backends_on_cpu())
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("options", list(OPTION_SETS), ids=list(OPTION_SETS))
+def test_gradients_for_every_layer_option(backend, training, options):
+    _check_gradients(backend, torch.float32, training, CASES[0], **OPTION_SETS[options])
+
+
+def _check_gradients(backend, dtype, training, case, **options):
     tol = SPEC_TOLERANCE[dtype]
-    module = make_module(case, gamma=0.2, dtype=dtype, backend=backend).train(training)
-    oracle = make_module(case, gamma=0.2, dtype=dtype).double().train(training)  # same rounded values
-    eager_module = make_module(case, gamma=0.2, dtype=dtype).train(training)
+    module = make_module(case, gamma=0.2, dtype=dtype, backend=backend, **options).train(training)
+    oracle = make_module(case, gamma=0.2, dtype=dtype, **options).double().train(training)  # same values
+    eager_module = make_module(case, gamma=0.2, dtype=dtype, **options).train(training)
     x, g = make_inputs(case, dtype=dtype)
     weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 

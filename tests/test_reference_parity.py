@@ -3,19 +3,12 @@ import pytest
 import torch
 
 from _naive import naive_dgsct
-from _support import ODD_SHAPES, SMALL, Case, assert_close, make_inputs, make_module
+from _support import OPTION_SETS, ODD_SHAPES, SMALL, Case, assert_close, make_inputs, make_module
 
 F64_TOL = 1e-11
 # some gradients are exactly zero in exact arithmetic (a bias before train-mode BatchNorm)
 F64_ATOL = 1e-12
 
-OPTION_SETS = {
-    "all-on": {},
-    "no-bn": {"use_bn": False},
-    "no-gate": {"use_gate": False},
-    "no-layernorms": {"ln_before": False, "ln_post": False},
-    "bare": {"use_bn": False, "use_gate": False, "ln_before": False, "ln_post": False},
-}
 
 
 def _leaf_params(module):

@@ -7,15 +7,16 @@
   pass 3       moments_pass (training with BatchNorm): bn2's batch statistics from h's moments
   pass 4       output_pass: bn1, relu, up projection, bn2, ln_post, gate -> o
 
-No [F, N, C] intermediate of steps 3, 5, 6 or 8 is written. The backward is, for now,
-PyTorch: it recomputes SPEC.md in float32 from x, g and the parameters (guide path in the
-forward's order, P never formed) and differentiates it; fused Triton backward passes are
-still to come. Until the backend has been measured on a GPU, `auto` does not choose it
+No [F, N, C] intermediate of steps 3, 5, 6 or 8 is written. The backward (backward.py)
+reruns the guide path and passes 1-3 to recompute the frame state (s, z, batch statistics:
+bit-identical to the forward's) and differentiates SPEC.md by hand in float32, with the
+matrix products in torch; fusing its elementwise chains into token passes waits for a GPU
+to measure. Until the backend has been measured on a GPU, `auto` does not choose it
 (select it with backend="triton").
 """
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -26,7 +27,6 @@ from ...config import Hyper, dims_from_params
 from ...dispatch import Backend, Problem, register
 from ...guide_path import plan_guide_path, prompts_and_pooled_guide
 from ...reference import RawOutputs
-from ..reference import forward_in_accumulation_dtype, recompute_backward
 
 try:
     import triton
@@ -46,8 +46,8 @@ class TritonBackend(Backend):
     rank = 20
     devices = ("cuda", "cpu")
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    description = ("fused Triton forward passes; recomputing PyTorch backward for now "
-                   "(CPU through TRITON_INTERPRET=1)")
+    description = ("fused Triton forward passes; hand-derived backward from recomputed frame "
+                   "state (CPU through TRITON_INTERPRET=1)")
 
     def unavailable_reason(self) -> Optional[str]:
         return f"triton is not importable ({_IMPORT_ERROR})" if _IMPORT_ERROR else None
@@ -72,14 +72,16 @@ class TritonBackend(Backend):
     def backward(self, grads: Sequence[Tensor], x: Tensor, g: Tensor,
                  params: Mapping[str, Optional[Tensor]], hyper: Hyper, training: bool,
                  wanted: Sequence[str]) -> dict[str, Tensor]:
-        # Interim, until fused Triton backward passes exist: recompute SPEC.md in PyTorch
-        # (float32) from x, g and the parameters, with the guide path in the forward's
-        # order (P never formed), and differentiate it.
-        frames, tokens, dim = x.shape
-        d = dims_from_params(params)
-        order = plan_guide_path(frames, tokens, d.guide_tokens, d.guide_dim, dim, d.num_latents).order
-        forward = functools.partial(forward_in_accumulation_dtype, guide_order=order)
-        return recompute_backward(forward, grads, x, g, params, hyper, training, wanted)
+        from .backward import backward
+
+        _, _, state = _frame_state(x.contiguous(), g.contiguous(), params, hyper, training)
+        order = _plan_guide(x.shape[0], dims_from_params(params)).order
+        return backward(state, grads, x, g, params, hyper, training, order, wanted)
+
+
+def _plan_guide(frames, dims):
+    return plan_guide_path(frames, dims.tokens, dims.guide_tokens, dims.guide_dim, dims.dim,
+                           dims.num_latents)
 
 
 def _plan(frames, dims, dtype, batch_stats, use_ln_before, use_ln_post):
@@ -93,7 +95,7 @@ def _plan(frames, dims, dtype, batch_stats, use_ln_before, use_ln_post):
     itemsize = torch.empty(0, dtype=dtype).element_size()
     N, C, H, G, K = dims.tokens, dims.dim, dims.hidden, dims.groups, dims.num_latents
     plan = Plan()
-    guide = plan_guide_path(frames, N, dims.guide_tokens, dims.guide_dim, C, K)
+    guide = _plan_guide(frames, dims)
     plan.guide_order, plan.guide_flops = guide.order, guide.flops
     if guide.order == "rewritten":
         for launch in guide_pass_launches(frames, N, dims.guide_tokens, dims.guide_dim, C, K, itemsize):
@@ -121,12 +123,43 @@ def _bn_affine(weight, bias, mean, var, eps, size, like):
     return scale.float().contiguous(), (bias.double() - mean.double() * scale).float().contiguous()
 
 
+@dataclass
+class FrameState:
+    """What the forward computes besides o: per-frame vectors, s, z and BatchNorm's maps.
+
+    The backward recomputes this with the same kernels (so its s, z and batch statistics
+    are the forward's exactly) and differentiates from it.
+    """
+    prompts: Tensor  # R [F, K, C], float32
+    pooled: Tensor  # a [F, C]
+    qa1: Tensor
+    qa2: Tensor
+    tg: Tensor  # [F]
+    joint: Tensor  # [F, C], the channel attention's token mean
+    ch: Tensor
+    s: Tensor  # spatial logit [F, N]
+    z: Tensor  # pre-bn1 hidden [F, N, H], float32
+    bn1_affine: tuple[Tensor, Tensor]  # per-channel (scale, shift), float32
+    bn2_affine: tuple[Tensor, Tensor]
+    stats: list[Tensor]  # batch mean, var of bn1 and bn2 (empty unless training with BN)
+
+
 def _forward(x, g, p, hyper, training) -> RawOutputs:
+    from .output_pass import run_output_pass
+
+    _, launches, state = _frame_state(x, g, p, hyper, training)
+    o = run_output_pass(launches["output_pass"], state.z, state.bn1_affine, state.bn2_affine, p, hyper,
+                        x.shape[-1], x.dtype, _dot_dtype(x.dtype), interpreting())
+    spatial_map = torch.tanh(state.s).softmax(-1)
+    return RawOutputs(o, spatial_map.to(x.dtype), state.tg.to(x.dtype), *state.stats)
+
+
+def _frame_state(x, g, p, hyper, training):
+    """Guide path, per-frame vectors and token passes 1-3: everything before pass 4."""
     from .bottleneck_pass import run_bottleneck_pass
     from .channel_pass import run_channel_pass
     from .guide_pass import run_guide_pass
     from .moments_pass import run_moments_pass
-    from .output_pass import run_output_pass
 
     frames, tokens, dim = x.shape
     use_bn = p["bn1.weight"] is not None
@@ -161,7 +194,6 @@ def _forward(x, g, p, hyper, training) -> RawOutputs:
 
     s, z, zsum, zm2 = run_bottleneck_pass(launches["bottleneck_pass"], x, prompts, p["gate_av"], ch, qa2, tg,
                                           p, hyper, dot, interpret)
-    spatial_map = torch.tanh(s).softmax(-1)
 
     H = dims.hidden
     stats = [x.new_empty(0) for _ in range(4)]
@@ -187,10 +219,8 @@ def _forward(x, g, p, hyper, training) -> RawOutputs:
     else:
         bn1_affine = _bn_affine(None, None, None, None, 0.0, H, x)
         bn2_affine = _bn_affine(None, None, None, None, 0.0, dim, x)
-
-    o = run_output_pass(launches["output_pass"], z, bn1_affine, bn2_affine, p, hyper, dim, x.dtype, dot,
-                        interpret)
-    return RawOutputs(o, spatial_map.to(x.dtype), tg.to(x.dtype), *stats)
+    state = FrameState(prompts, pooled, qa1, qa2, tg, joint, ch, s, z, bn1_affine, bn2_affine, stats)
+    return plan, launches, state
 
 
 def _block_counts(tokens: int, block: int, device) -> Tensor:

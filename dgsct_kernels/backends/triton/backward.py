@@ -1,0 +1,221 @@
+"""The Triton backend's backward: SPEC.md differentiated by hand, from x, g and small state.
+
+The forward's kernels recompute the per-frame vectors, the spatial logit s, the hidden
+z [F, N, H] and the batch statistics (`FrameState`), so those are bit-identical to the
+forward's. The gradient then runs in two stages, in float32:
+
+  tail   z -> o: bn1, relu, up projection, bn2, ln_post, gate. Train-mode BatchNorm
+         needs sums over all F*N tokens (sum of dy and of dy * y_hat) before any input
+         gradient, so each BatchNorm is one reduction then one elementwise step.
+  front  dz -> dx: down projection, ln_before, the modulation (split into dx1, the
+         frame's dch and dtg, the token's ds), the spatial and channel attentions, then
+         the prompt attention; the per-frame layers and the guide path (its rewritten or
+         tokens-first order, P never formed) through torch.func.vjp on [F, K, C] tensors.
+
+Matrix products go to torch (cuBLAS/oneDNN); the [F, N, C] tensors here are transients of
+the backward, freed as it goes, never saved by the forward. Fusing the elementwise chains
+into token passes is the GPU tuning step (benchmarks/NOTES.md).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...config import Hyper
+from ...guide_path import prompts_and_pooled_guide
+from ...reference import grouped_linear
+
+_GUIDE_NAMES = ("conv_adapter.weight", "conv_adapter.bias", "fc.weight", "fc.bias", "my_tokens")
+
+
+def _grouped_backward(grad_out: Tensor, inp: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of `grouped_linear(inp, weight)`: (d inp, d weight) over all tokens."""
+    cout, cin_g = weight.shape[0], weight.shape[1]
+    groups = inp.shape[-1] // cin_g
+    w = weight.reshape(groups, cout // groups, cin_g)
+    dout = grad_out.reshape(-1, groups, cout // groups)
+    x = inp.reshape(-1, groups, cin_g)
+    d_inp = torch.einsum("ngo,goi->ngi", dout, w).reshape(inp.shape)
+    d_weight = torch.einsum("ngo,ngi->goi", dout, x).reshape(weight.shape)
+    return d_inp, d_weight
+
+
+def _layer_norm(inp: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(normalised input, 1/std) over the last dimension, as F.layer_norm computes them."""
+    var, mean = torch.var_mean(inp, -1, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    return (inp - mean) * rstd, rstd
+
+
+def _layer_norm_backward(d_normed: Tensor, normed: Tensor, rstd: Tensor) -> Tensor:
+    """d input from d of the normalised value (before the affine) of a LayerNorm."""
+    return rstd * (d_normed - d_normed.mean(-1, keepdim=True)
+                   - normed * (d_normed * normed).mean(-1, keepdim=True))
+
+
+def _batch_norm_backward(d_out: Tensor, inp: Tensor, weight: Tensor, mean: Tensor, var: Tensor,
+                         eps: float, batch_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(d input, d weight, d bias) of a channels-last BatchNorm over all tokens."""
+    flat_d, flat_in = d_out.reshape(-1, d_out.shape[-1]), inp.reshape(-1, inp.shape[-1])
+    rstd = torch.rsqrt(var.float() + eps)
+    normed = (flat_in - mean.float()) * rstd
+    d_bias = flat_d.sum(0)
+    d_weight = (flat_d * normed).sum(0)
+    if batch_stats:  # the batch mean and variance depend on every token
+        count = flat_d.shape[0]
+        d_inp = (weight * rstd) * (flat_d - (d_bias + normed * d_weight) / count)
+    else:
+        d_inp = flat_d * (weight * rstd)
+    return d_inp.reshape(inp.shape), d_weight, d_bias
+
+
+def backward(state, grads: Sequence[Tensor], x: Tensor, g: Tensor,
+             params: Mapping[str, Optional[Tensor]], hyper: Hyper, training: bool, guide_order: str,
+             wanted: Sequence[str]) -> dict[str, Tensor]:
+    """Gradients for the names in `wanted`, given the recomputed forward `state`."""
+    p = {k: v.float() if v is not None else None for k, v in params.items()}
+    out: dict[str, Tensor] = {}
+    grad_o, grad_map, grad_tg = (t.float() for t in grads)
+    frames, tokens, _ = x.shape
+    use_bn = p["bn1.weight"] is not None
+    batch_stats = training and use_bn
+    if batch_stats:
+        mean1, var1, mean2, var2 = state.stats
+    elif use_bn:
+        mean1, var1 = p["bn1.running_mean"], p["bn1.running_var"]
+        mean2, var2 = p["bn2.running_mean"], p["bn2.running_var"]
+
+    # ---- tail: z -> o
+    z = state.z
+    pre1 = z * state.bn1_affine[0] + state.bn1_affine[1]
+    h = F.relu(pre1)
+    up = grouped_linear(h, p["up_sampler.weight"])  # [F, N, C]
+    post = up * state.bn2_affine[0] + state.bn2_affine[1]
+    if p["ln_post.weight"] is not None:
+        normed, rstd_post = _layer_norm(post, hyper.ln_post_eps)
+        post = normed * p["ln_post.weight"] + p["ln_post.bias"]
+    d_post = grad_o
+    if p["gate"] is not None:
+        out["gate"] = (grad_o * post).sum().reshape(1)
+        d_post = grad_o * p["gate"]
+    del post
+    if p["ln_post.weight"] is not None:
+        out["ln_post.weight"] = (d_post * normed).sum((0, 1))
+        out["ln_post.bias"] = d_post.sum((0, 1))
+        d_post = _layer_norm_backward(d_post * p["ln_post.weight"], normed, rstd_post)
+        del normed, rstd_post
+    d_up = d_post
+    if use_bn:
+        d_up, out["bn2.weight"], out["bn2.bias"] = _batch_norm_backward(
+            d_post, up, p["bn2.weight"], mean2, var2, hyper.bn2_eps, batch_stats)
+    del up, d_post
+    d_h, out["up_sampler.weight"] = _grouped_backward(d_up, h, p["up_sampler.weight"])
+    del d_up, h
+    d_z = d_h * (pre1 > 0)
+    if use_bn:
+        d_z, out["bn1.weight"], out["bn1.bias"] = _batch_norm_backward(
+            d_z, z, p["bn1.weight"], mean1, var1, hyper.bn1_eps, batch_stats)
+    del pre1, d_h
+
+    # ---- front: recompute x1 and the modulation from x and the frame vectors
+    xf = x.float()
+    prompts, ch, qa1, qa2, tg, s = state.prompts, state.ch, state.qa1, state.qa2, state.tg, state.s
+    probs = torch.matmul(xf, prompts.transpose(1, 2)).softmax(-1)  # [F, N, K]
+    prompt_mix = torch.matmul(probs, prompts)
+    x1 = xf + p["gate_av"] * prompt_mix
+    sp_sigmoid = torch.sigmoid(s)
+    scale = (hyper.alpha * ch[:, None, :] + hyper.beta * sp_sigmoid[..., None]
+             + hyper.gamma * tg[:, None, None] + 1 - hyper.alpha)
+    modulated = x1 * scale
+    y = modulated
+    if p["ln_before.weight"] is not None:
+        normed_before, rstd_before = _layer_norm(modulated, hyper.ln_before_eps)
+        y = normed_before * p["ln_before.weight"] + p["ln_before.bias"]
+    d_y, out["down_sampler.weight"] = _grouped_backward(d_z, y, p["down_sampler.weight"])
+    del y, d_z
+    d_mod = d_y
+    if p["ln_before.weight"] is not None:
+        out["ln_before.weight"] = (d_y * normed_before).sum((0, 1))
+        out["ln_before.bias"] = d_y.sum((0, 1))
+        d_mod = _layer_norm_backward(d_y * p["ln_before.weight"], normed_before, rstd_before)
+        del normed_before, rstd_before
+    del d_y, modulated
+    d_x1 = d_mod * scale
+    d_scale = d_mod * x1
+    del d_mod, scale
+    d_ch = hyper.alpha * d_scale.sum(1)  # [F, C]
+    d_sp_sigmoid = hyper.beta * d_scale.sum(-1)  # [F, N]
+    d_tg = grad_tg + hyper.gamma * d_scale.sum((1, 2))  # [F]
+    del d_scale
+
+    # spatial attention: s feeds sigmoid(s) in the modulation and softmax(tanh(s)) as the map
+    tanh_s = torch.tanh(s)
+    spatial_map = tanh_s.softmax(-1)
+    d_tanh = spatial_map * (grad_map - (spatial_map * grad_map).sum(-1, keepdim=True))
+    d_s = d_sp_sigmoid * sp_sigmoid * (1 - sp_sigmoid) + d_tanh * (1 - tanh_s * tanh_s)
+    xc = x1 * (1 + ch[:, None, :])
+    v2 = F.relu(F.linear(xc, p["fc_affine_video_2.weight"], p["fc_affine_video_2.bias"]))  # [F, N, C/2]
+    ws = p["fc_affine_v_s_att.weight"].reshape(-1)
+    out["fc_affine_v_s_att.weight"] = torch.einsum("fn,fnc,fc->c", d_s, v2, qa2).reshape(1, -1)
+    out["fc_affine_v_s_att.bias"] = d_s.sum().reshape(1)
+    d_qa2 = torch.einsum("fn,fnc->fc", d_s, v2) * ws
+    d_v2 = d_s[..., None] * (ws * qa2)[:, None, :] * (v2 > 0)
+    del v2
+    out["fc_affine_video_2.weight"] = torch.einsum("fno,fni->oi", d_v2, xc)
+    out["fc_affine_video_2.bias"] = d_v2.sum((0, 1))
+    d_xc = torch.matmul(d_v2, p["fc_affine_video_2.weight"])
+    del d_v2, xc
+    d_x1 += d_xc * (1 + ch[:, None, :])
+    d_ch += (d_xc * x1).sum(1)
+    del d_xc
+
+    # channel attention: ch = sigmoid(Wc relu(Wb joint + bb) + bc), joint = qa1 * mean_n(v1)
+    hidden = F.relu(F.linear(state.joint, p["fc_affine_bottleneck.weight"], p["fc_affine_bottleneck.bias"]))
+    d_pre_c = d_ch * ch * (1 - ch)
+    out["fc_affine_v_c_att.weight"] = d_pre_c.t() @ hidden
+    out["fc_affine_v_c_att.bias"] = d_pre_c.sum(0)
+    d_pre_b = (d_pre_c @ p["fc_affine_v_c_att.weight"]) * (hidden > 0)
+    out["fc_affine_bottleneck.weight"] = d_pre_b.t() @ state.joint
+    out["fc_affine_bottleneck.bias"] = d_pre_b.sum(0)
+    d_joint = d_pre_b @ p["fc_affine_bottleneck.weight"]
+    v1 = F.relu(F.linear(x1, p["fc_affine_video_1.weight"], p["fc_affine_video_1.bias"]))
+    d_qa1 = d_joint * v1.mean(1)
+    d_v1 = (d_joint * qa1 / tokens)[:, None, :] * (v1 > 0)
+    del v1
+    out["fc_affine_video_1.weight"] = torch.einsum("fno,fni->oi", d_v1, x1)
+    out["fc_affine_video_1.bias"] = d_v1.sum((0, 1))
+    d_x1 += torch.matmul(d_v1, p["fc_affine_video_1.weight"])
+    del d_v1, x1
+
+    # prompt attention: x1 = x + gate_av * softmax(x R^T) R
+    out["gate_av"] = (d_x1 * prompt_mix).sum().reshape(1)
+    del prompt_mix
+    d_probs = p["gate_av"] * torch.matmul(d_x1, prompts.transpose(1, 2))  # [F, N, K]
+    d_logits = probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True))
+    d_prompts = (p["gate_av"] * torch.matmul(probs.transpose(1, 2), d_x1)
+                 + torch.matmul(d_logits.transpose(1, 2), xf))  # [F, K, C]
+    out["x"] = (d_x1 + torch.matmul(d_logits, prompts)).to(x.dtype)
+    del d_x1, d_probs, d_logits, probs, xf
+
+    # per-frame layers and the guide path, through the pooled guide a and the prompts R
+    frame_names = ["fc_affine_audio_1.weight", "fc_affine_audio_1.bias", "fc_affine_audio_2.weight",
+                   "fc_affine_audio_2.bias", "temporal_gated.0.weight", "temporal_gated.0.bias"]
+    guide_names = list(_GUIDE_NAMES)
+
+    def frame_vectors(g_, *weights):
+        named = dict(zip(guide_names + frame_names, weights))
+        prompts_, pooled = prompts_and_pooled_guide(g_, named, guide_order)
+        qa1_ = F.relu(F.linear(pooled, named["fc_affine_audio_1.weight"], named["fc_affine_audio_1.bias"]))
+        qa2_ = F.relu(F.linear(pooled, named["fc_affine_audio_2.weight"], named["fc_affine_audio_2.bias"]))
+        tg_ = torch.sigmoid(F.linear(pooled, named["temporal_gated.0.weight"],
+                                     named["temporal_gated.0.bias"])).reshape(frames)
+        return prompts_, qa1_, qa2_, tg_
+
+    _, pullback = torch.func.vjp(frame_vectors, g.float(), *(p[n] for n in guide_names + frame_names))
+    d_frame = pullback((d_prompts, d_qa1, d_qa2, d_tg))
+    out["g"] = d_frame[0].to(g.dtype)
+    out.update(zip(guide_names + frame_names, d_frame[1:]))
+    return {name: out[name].to(params[name].dtype) if name in params else out[name] for name in wanted}
