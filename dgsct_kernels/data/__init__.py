@@ -1,0 +1,21 @@
+"""Dataset readers and the synthetic AVE generator."""
+from .ave import (
+    AVEAnnotation,
+    AVEDataset,
+    read_annotations,
+    read_categories,
+    read_h5_labels,
+    read_order,
+    segment_accuracy,
+    segment_labels,
+    segment_predictions,
+    split_rows,
+    video_labels,
+    write_synthetic_ave,
+)
+
+__all__ = [
+    "AVEAnnotation", "AVEDataset", "read_annotations", "read_categories", "read_h5_labels",
+    "read_order", "segment_accuracy", "segment_labels", "segment_predictions", "split_rows",
+    "video_labels", "write_synthetic_ave",
+]
