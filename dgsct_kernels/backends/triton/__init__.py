@@ -149,7 +149,7 @@ def _forward(x, g, p, hyper, training) -> RawOutputs:
 
     _, launches, state = _frame_state(x, g, p, hyper, training)
     o = run_output_pass(launches["output_pass"], state.z, state.bn1_affine, state.bn2_affine, p, hyper,
-                        x.shape[-1], x.dtype, _dot_dtype(x.dtype), interpreting())
+                        x.shape[-1], x.dtype, interpreting())
     spatial_map = torch.tanh(state.s).softmax(-1)
     return RawOutputs(o, spatial_map.to(x.dtype), state.tg.to(x.dtype), *state.stats)
 

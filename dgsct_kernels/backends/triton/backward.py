@@ -26,7 +26,8 @@ from torch import Tensor
 
 from ...config import Hyper
 from ...guide_path import prompts_and_pooled_guide
-from ...reference import grouped_linear
+from .common import interpreting
+from .output_backward_pass import output_backward_launch, run_output_backward
 
 _GUIDE_NAMES = ("conv_adapter.weight", "conv_adapter.bias", "fc.weight", "fc.bias", "my_tokens")
 
@@ -78,7 +79,7 @@ def backward(state, grads: Sequence[Tensor], x: Tensor, g: Tensor,
     """Gradients for the names in `wanted`, given the recomputed forward `state`."""
     p = {k: v.float() if v is not None else None for k, v in params.items()}
     out: dict[str, Tensor] = {}
-    grad_o, grad_map, grad_tg = (t.float() for t in grads)
+    grad_map, grad_tg = (t.float() for t in grads[1:])
     frames, tokens, _ = x.shape
     use_bn = p["bn1.weight"] is not None
     batch_stats = training and use_bn
@@ -88,30 +89,18 @@ def backward(state, grads: Sequence[Tensor], x: Tensor, g: Tensor,
         mean1, var1 = p["bn1.running_mean"], p["bn1.running_var"]
         mean2, var2 = p["bn2.running_mean"], p["bn2.running_var"]
 
-    # ---- tail: z -> o
+    # ---- tail: z -> o, fused up to du (output_backward_pass); then the up projection
     z = state.z
+    hidden_dim = z.shape[-1]
+    launch = output_backward_launch(frames, tokens, x.shape[-1], hidden_dim,
+                                    hidden_dim // params["up_sampler.weight"].shape[1],
+                                    x.element_size(), params["ln_post.weight"] is not None)
+    d_up, tail_grads = run_output_backward(launch, grads[0], z, state.bn1_affine, state.bn2_affine,
+                                           (mean2, var2) if use_bn else None, params, hyper,
+                                           batch_stats, interpreting())
+    out.update(tail_grads)
     pre1 = z * state.bn1_affine[0] + state.bn1_affine[1]
     h = F.relu(pre1)
-    up = grouped_linear(h, p["up_sampler.weight"])  # [F, N, C]
-    post = up * state.bn2_affine[0] + state.bn2_affine[1]
-    if p["ln_post.weight"] is not None:
-        normed, rstd_post = _layer_norm(post, hyper.ln_post_eps)
-        post = normed * p["ln_post.weight"] + p["ln_post.bias"]
-    d_post = grad_o
-    if p["gate"] is not None:
-        out["gate"] = (grad_o * post).sum().reshape(1)
-        d_post = grad_o * p["gate"]
-    del post
-    if p["ln_post.weight"] is not None:
-        out["ln_post.weight"] = (d_post * normed).sum((0, 1))
-        out["ln_post.bias"] = d_post.sum((0, 1))
-        d_post = _layer_norm_backward(d_post * p["ln_post.weight"], normed, rstd_post)
-        del normed, rstd_post
-    d_up = d_post
-    if use_bn:
-        d_up, out["bn2.weight"], out["bn2.bias"] = _batch_norm_backward(
-            d_post, up, p["bn2.weight"], mean2, var2, hyper.bn2_eps, batch_stats)
-    del up, d_post
     d_h, out["up_sampler.weight"] = _grouped_backward(d_up, h, p["up_sampler.weight"])
     del d_up, h
     d_z = d_h * (pre1 > 0)

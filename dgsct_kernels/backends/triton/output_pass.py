@@ -12,10 +12,9 @@ from .plan import Launch, tile
 
 
 @triton.jit
-def _pre_norm_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows,
-                     row_mask, group, outs_local, out_mask, N, C, H, GROUPS,
-                     BH: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    """bn2(up(relu(bn1(z)))) for output channels group*C/G + outs_local: [BN, BO] float32."""
+def up_projection(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, f, rows, row_mask, group, outs_local, out_mask,
+                  N, C, H, GROUPS, BH: tl.constexpr, INTERPRET: tl.constexpr):
+    """up(relu(bn1(z))) for output channels group*C/G + outs_local, before bn2: [BN, BO] float32."""
     hg = H // GROUPS
     cg = C // GROUPS
     hidden = tl.arange(0, BH)
@@ -31,51 +30,67 @@ def _pre_norm_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_p
                 mask=out_mask[:, None] & hidden_mask[None, :], other=0.0)
     # float32: bn2's batch statistics come from the moments of the unrounded h, so the
     # values it normalises must not carry a low-precision rounding that the statistics lack
-    o = matmul(h, tl.trans(w), tl.float32, INTERPRET)
+    return matmul(h, tl.trans(w), tl.float32, INTERPRET)
+
+
+@triton.jit
+def bn2_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows, row_mask, group,
+               outs_local, out_mask, N, C, H, GROUPS, BH: tl.constexpr, INTERPRET: tl.constexpr):
+    """bn2(up(relu(bn1(z)))) for output channels group*C/G + outs_local: [BN, BO] float32, 0 outside."""
+    u = up_projection(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, f, rows, row_mask, group, outs_local,
+                      out_mask, N, C, H, GROUPS, BH, INTERPRET)
+    outs = group * (C // GROUPS) + outs_local
     scale2 = tl.load(scale2_ptr + outs, mask=out_mask, other=0.0)
     shift2 = tl.load(shift2_ptr + outs, mask=out_mask, other=0.0)
-    return tl.where(row_mask[:, None] & out_mask[None, :], o * scale2[None, :] + shift2[None, :], 0.0)
+    return tl.where(row_mask[:, None] & out_mask[None, :], u * scale2[None, :] + shift2[None, :], 0.0)
+
+
+@triton.jit
+def ln_post_statistics(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows, row_mask,
+                       N, C, H, GROUPS, ln_eps, BN: tl.constexpr, BO: tl.constexpr, BH: tl.constexpr,
+                       INTERPRET: tl.constexpr):
+    """ln_post's per-token mean and 1/std over the C channels (two sweeps: mean, centred variance)."""
+    cg = C // GROUPS
+    mean = tl.zeros((BN,), dtype=tl.float32)
+    for group in range(GROUPS):
+        for o0 in range(0, cg, BO):
+            local = o0 + tl.arange(0, BO)
+            u = bn2_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows, row_mask,
+                           group, local, local < cg, N, C, H, GROUPS, BH, INTERPRET)
+            mean += tl.sum(u, 1)
+    mean = mean / C
+    var = tl.zeros((BN,), dtype=tl.float32)
+    for group in range(GROUPS):
+        for o0 in range(0, cg, BO):
+            local = o0 + tl.arange(0, BO)
+            local_mask = local < cg
+            u = bn2_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows, row_mask,
+                           group, local, local_mask, N, C, H, GROUPS, BH, INTERPRET)
+            centred = tl.where(local_mask[None, :], u - mean[:, None], 0.0)
+            var += tl.sum(centred * centred, 1)
+    return mean, 1.0 / tl.sqrt(var / C + ln_eps)
 
 
 @triton.jit
 def output_pass_kernel(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr,
                        lnw_ptr, lnb_ptr, gate_ptr, o_ptr, N, C, H, GROUPS, ln_eps,
                        BN: tl.constexpr, BO: tl.constexpr, BH: tl.constexpr, USE_LN: tl.constexpr,
-                       USE_GATE: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr):
+                       USE_GATE: tl.constexpr, INTERPRET: tl.constexpr):
     f = tl.program_id(0)
     nb = tl.program_id(1)
     rows = nb * BN + tl.arange(0, BN)
     row_mask = rows < N
     cg = C // GROUPS
-    mean = tl.zeros((BN,), dtype=tl.float32)
-    rstd = tl.full((BN,), 1.0, dtype=tl.float32)
     if USE_LN:
-        for group in range(0, GROUPS):
-            for o0 in range(0, cg, BO):
-                local = o0 + tl.arange(0, BO)
-                u = _pre_norm_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f,
-                                     rows, row_mask, group, local, local < cg, N, C, H, GROUPS, BH, DOT,
-                                     INTERPRET)
-                mean += tl.sum(u, 1)
-        mean = mean / C
-        var = tl.zeros((BN,), dtype=tl.float32)
-        for group in range(0, GROUPS):
-            for o0 in range(0, cg, BO):
-                local = o0 + tl.arange(0, BO)
-                local_mask = local < cg
-                u = _pre_norm_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f,
-                                     rows, row_mask, group, local, local_mask, N, C, H, GROUPS, BH, DOT,
-                                     INTERPRET)
-                centred = tl.where(local_mask[None, :], u - mean[:, None], 0.0)
-                var += tl.sum(centred * centred, 1)
-        rstd = 1.0 / tl.sqrt(var / C + ln_eps)
+        mean, rstd = ln_post_statistics(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows,
+                                        row_mask, N, C, H, GROUPS, ln_eps, BN, BO, BH, INTERPRET)
     gate = tl.load(gate_ptr).to(tl.float32) if USE_GATE else 1.0
-    for group in range(0, GROUPS):
+    for group in range(GROUPS):
         for o0 in range(0, cg, BO):
             local = o0 + tl.arange(0, BO)
             local_mask = local < cg
-            u = _pre_norm_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows,
-                                 row_mask, group, local, local_mask, N, C, H, GROUPS, BH, DOT, INTERPRET)
+            u = bn2_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows, row_mask,
+                           group, local, local_mask, N, C, H, GROUPS, BH, INTERPRET)
             outs = group * cg + local
             if USE_LN:
                 lnw = tl.load(lnw_ptr + outs, mask=local_mask, other=0.0).to(tl.float32)
@@ -96,8 +111,7 @@ def output_pass_launch(frames, tokens, dim, hidden, groups, itemsize, use_ln) ->
                   flops=2 * frames * tokens * dim * hidden // groups * sweeps)
 
 
-def run_output_pass(launch: Launch, z, bn1_affine, bn2_affine, p, hyper, dim, out_dtype, dot_dtype,
-                    interpret):
+def run_output_pass(launch: Launch, z, bn1_affine, bn2_affine, p, hyper, dim, out_dtype, interpret):
     frames, tokens, hidden = z.shape
     groups = hidden // p["up_sampler.weight"].shape[1]
     o = z.new_empty(frames, tokens, dim, dtype=out_dtype)
@@ -108,5 +122,5 @@ def run_output_pass(launch: Launch, z, bn1_affine, bn2_affine, p, hyper, dim, ou
     output_pass_kernel[launch.grid](
         z, *bn1_affine, p["up_sampler.weight"], *bn2_affine, lnw, lnb,
         p["gate"] if use_gate else bn2_affine[0], o, tokens, dim, hidden, groups, hyper.ln_post_eps,
-        USE_LN=use_ln, USE_GATE=use_gate, DOT=dot_dtype, INTERPRET=interpret, **launch.tiles)
+        USE_LN=use_ln, USE_GATE=use_gate, INTERPRET=interpret, **launch.tiles)
     return o
