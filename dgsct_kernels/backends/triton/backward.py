@@ -4,17 +4,20 @@ The forward's kernels recompute the per-frame vectors, the spatial logit s, the 
 z [F, N, H] and the batch statistics (`FrameState`), so those are bit-identical to the
 forward's. The gradient then runs in two stages, in float32:
 
-  tail   z -> o: bn1, relu, up projection, bn2, ln_post, gate. Train-mode BatchNorm
-         needs sums over all F*N tokens (sum of dy and of dy * y_hat) before any input
-         gradient, so each BatchNorm is one reduction then one elementwise step.
+  tail   z -> o: bn1, relu, up projection, bn2, ln_post, gate. One fused Triton pass
+         (output_backward_pass.py) recomputes u from z and writes only du; train-mode bn2
+         needs per-channel sums over all F*N tokens first, so in training it runs twice.
+         The up projection's two products and bn1's backward (on [F, N, C/r]) follow.
   front  dz -> dx: down projection, ln_before, the modulation (split into dx1, the
          frame's dch and dtg, the token's ds), the spatial and channel attentions, then
          the prompt attention; the per-frame layers and the guide path (its rewritten or
          tokens-first order, P never formed) through torch.func.vjp on [F, K, C] tensors.
 
-Matrix products go to torch (cuBLAS/oneDNN); the [F, N, C] tensors here are transients of
-the backward, freed as it goes, never saved by the forward. Fusing the elementwise chains
-into token passes is the GPU tuning step (benchmarks/NOTES.md).
+The front is still PyTorch: matrix products in cuBLAS/oneDNN, its [F, N, C] tensors
+transients of the backward, freed as it goes, never saved by the forward. Each of its
+weight gradients is a reduction over all tokens of a product of two token-sized
+operands; whether to keep those as temporaries feeding cuBLAS or to reduce them inside
+fused passes needs a GPU to decide (benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
