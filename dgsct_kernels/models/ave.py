@@ -1,0 +1,87 @@
+"""The AVE model: the two-stream encoder with DG-SCT modules, pooled per segment, then the
+AVE head (temporal attention + CMBS). Build it with `build_dgsct(task="ave", ...)`."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from .two_stream import TwoStreamEncoder, pool_tokens
+
+if TYPE_CHECKING:
+    from .presets import ModelPreset, TaskModules
+
+
+class AVEModel(nn.Module):
+    """`model(frames=[B, T, 3, S, S], audio=[B, T, samples])` -> dict of outputs:
+
+      is_event      [B, T]       per-segment event logits
+      event         [B, classes] clip class logits
+      av_score, gate             the head's other outputs (see AVEHead)
+      features      {"visual": [B, T, Cv], "audio": [B, T, Ca]}  pooled encoder outputs
+      spatial_maps  {"visual": [B, T, H, W], "audio": [B, T, h, w]}  last p2 modules' maps
+
+    Trainable: `encoder.*_adapter_blocks_*` (DG-SCT) and `head`; the encoders are frozen
+    (their BatchNorm statistics still update in train mode, as in the authors' code, and are
+    saved with the trainable part).
+    """
+
+    def __init__(self, visual: nn.Module, audio: nn.Module, head: nn.Module, *,
+                 modules: TaskModules, preset: ModelPreset, backend: str = "auto",
+                 encoders_eval: bool = False) -> None:
+        super().__init__()
+        self.task_modules, self.preset = modules, preset
+        self.segments = modules.segments
+        self.image_size, self.segment_samples = preset.image_size, preset.segment_samples
+        self.encoder = TwoStreamEncoder(visual, audio, segments=modules.segments,
+                                        module_kwargs=modules.module_kwargs(backend),
+                                        audio_clip_samples=preset.clip_samples,
+                                        encoders_eval=encoders_eval)
+        self.head = head
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The parts that train, by their prefix in `state_dict()`."""
+        out = {f"encoder.{name}": getattr(self.encoder, name)
+               for name in ("audio_adapter_blocks_p1", "vis_adapter_blocks_p1",
+                            "audio_adapter_blocks_p2", "vis_adapter_blocks_p2")}
+        out["head"] = self.head
+        return out
+
+    def _check_inputs(self, frames: Tensor, audio: Tensor) -> None:
+        s, t, n = self.image_size, self.segments, self.segment_samples
+        want_f = f"[B, T={t}, 3, {s}, {s}] floating"
+        want_a = f"[B, T={t}, {n}] floating"
+        for name, x, rank, want in (("frames", frames, 5, want_f), ("audio", audio, 3, want_a)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name}: got {type(x).__name__}, expected a Tensor {want}")
+            if not x.is_floating_point():
+                raise TypeError(f"{name}: dtype {x.dtype}, expected {want}")
+            if x.dim() != rank:
+                raise ValueError(f"{name}: shape {tuple(x.shape)}, expected {want}")
+        if tuple(frames.shape[1:]) != (t, 3, s, s):
+            raise ValueError(f"frames: shape {tuple(frames.shape)}, expected {want_f}")
+        if tuple(audio.shape[1:]) != (t, n):
+            raise ValueError(f"audio: shape {tuple(audio.shape)}, expected {want_a}")
+        if audio.shape[0] != frames.shape[0]:
+            raise ValueError(f"audio: shape {tuple(audio.shape)} has B={audio.shape[0]} but "
+                             f"frames {tuple(frames.shape)} has B={frames.shape[0]}")
+        if frames.dtype != audio.dtype:
+            raise TypeError(f"frames dtype {frames.dtype} and audio dtype {audio.dtype}: "
+                            "expected one dtype")
+        if frames.device != audio.device:
+            raise ValueError(f"frames on {frames.device} and audio on {audio.device}: expected "
+                             "one device")
+
+    def forward(self, frames: Tensor, audio: Tensor) -> dict:
+        self._check_inputs(frames, audio)
+        b, t = frames.shape[:2]
+        out = self.encoder(frames.flatten(0, 1), audio.flatten(0, 1))
+        visual = pool_tokens(out.visual, out.visual_map).view(b, t, -1)
+        audio_feat = pool_tokens(out.audio, out.audio_map).view(b, t, -1)
+        result = dict(self.head(visual, audio_feat))
+        result["features"] = {"visual": visual, "audio": audio_feat}
+        result["spatial_maps"] = {
+            "visual": out.visual_map.view(b, t, *out.visual.shape[1:3]),
+            "audio": out.audio_map.view(b, t, *out.audio.shape[1:3]),
+        }
+        return result
