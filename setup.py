@@ -2,6 +2,7 @@
 
 Environment:
   DGSCT_SKIP_CUDA=1    never build the CUDA part
+  DGSCT_CPU_NATIVE=0   portable CPU kernels (default: tuned with -march=native)
   DGSCT_FORCE_CUDA=1   build it even where no CUDA build of torch is detected
   DGSCT_CUDA_ARCHS     e.g. "8.0;9.0a" or "80 90a" (default: 80;90)
   MAX_JOBS             parallel compile jobs
@@ -76,6 +77,7 @@ class CMakeBuild(build_ext):
             f"-DDGSCT_CUDA_ARCHS={cuda_archs()}",
             f"-DDGSCT_CUDA_REASON={reason}",
             f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DDGSCT_CPU_NATIVE={'OFF' if os.environ.get('DGSCT_CPU_NATIVE', '1').strip().lower() in ('0', 'false', 'no', 'off') else 'ON'}",
         ]
         if shutil.which("ninja"):
             args.append("-GNinja")

@@ -17,6 +17,7 @@ pybind11::dict build_info() {
   info["compiler"] = std::string("unknown compiler");
 #endif
   info["openmp"] = static_cast<bool>(DGSCT_OPENMP);
+  info["cpu_arch"] = std::string(DGSCT_CPU_ARCH);
   info["cuda_built"] = static_cast<bool>(DGSCT_CUDA_BUILT);
   info["cuda_archs"] = std::string(DGSCT_CUDA_ARCHS);
   info["cuda_reason"] = std::string(DGSCT_CUDA_REASON);

@@ -28,6 +28,8 @@ def test_info_prints_versions_backends_and_one_line_per_extension():
     cuda = re.findall(r"^cuda extension: (built \(archs .+\)|not built \(.+\))$", out, re.M)
     assert len(cpu) == 1 and len(cuda) == 1, out
     assert re.search(r"^  reference +usable on cpu/float64", out, re.M), out
+    if cpu == ["built"]:  # the fused C++ backend comes with the extension
+        assert re.search(r"^  cpu +usable on cpu/float64, cpu/float32, cpu/bfloat16", out, re.M), out
 
 
 @pytest.mark.skipif(os.environ.get("DGSCT_REQUIRE_EXTENSION") != "1",

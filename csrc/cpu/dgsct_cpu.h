@@ -1,0 +1,47 @@
+// Shared declarations of the fused CPU backend (csrc/cpu/*.cpp).
+//
+// The op receives the parameters as one list in config.OP_PARAM_NAMES order, with an
+// undefined tensor where an optional layer is absent; `Param` names the positions.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace dgsct::cpu {
+
+enum Param : int {
+  kWtok = 0, kBtok, kWfc, kBfc, kTokens, kGateAv,
+  kWa1, kBa1, kWv1, kBv1, kWb, kBb, kWc, kBc, kWv2, kBv2, kWa2, kBa2, kWs, kBs, kWt, kBt,
+  kLnbW, kLnbB, kWd, kBn1W, kBn1B, kBn1Rm, kBn1Rv, kWu, kBn2W, kBn2B, kBn2Rm, kBn2Rv,
+  kLnpW, kLnpB, kGate, kNumParams
+};
+
+// Hyper-parameters in config.Hyper order.
+struct Hyper {
+  double alpha, beta, gamma, ln_before_eps, bn1_eps, bn2_eps, ln_post_eps;
+};
+
+// SPEC.md steps 1, 2 and 4 without forming P (guide_path.py's orders), in the
+// accumulation dtype, with what the analytic backward needs kept.
+struct GuideState {
+  std::string order;
+  at::Tensor g;  // [F, M, D], accumulation dtype
+  at::Tensor R;  // [F, K, C] prompts
+  at::Tensor a;  // [F, C] pooled guide
+  // rewritten order
+  at::Tensor Q, qsum, wsum, Sg, A, B, applied, ab, wbar, ga;
+  // tokens-first order
+  at::Tensor U, AU, ubar;
+};
+
+struct GuideGrads {
+  at::Tensor g, Wtok, btok, Wfc, bfc, tokens;  // undefined where not asked for
+};
+
+GuideState guide_forward(const at::Tensor& g, const std::vector<at::Tensor>& p, const std::string& order);
+GuideGrads guide_backward(const GuideState& s, const std::vector<at::Tensor>& p, const at::Tensor& dR,
+                          const at::Tensor& da, bool want_g);
+
+}  // namespace dgsct::cpu

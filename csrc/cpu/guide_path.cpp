@@ -1,0 +1,138 @@
+// SPEC.md steps 1, 2 and 4 without forming P, forward and analytic backward, in ATen ops
+// (large batched products go to BLAS). The two runnable orders of guide_path.py:
+//
+//   rewritten     Sg = Q g^T, S = Sg Wtok^T + (Q 1_D) btok^T, A = softmax(S),
+//                 B = A Wtok, R = T + (B g) Wfc^T + (A btok) (Wfc 1_D)^T + bfc,
+//                 a = ((mean_n Wtok) g) Wfc^T + mean(btok) (Wfc 1_D) + bfc
+//   tokens-first  U = Wtok g + btok, A = softmax(Q U^T), R = T + (A U) Wfc^T + bfc,
+//                 a = mean_n(U) Wfc^T + bfc
+//
+// with Q = T Wfc (T = my_tokens). Which order runs is chosen in Python
+// (guide_path.plan_guide_path), the one place that compares their FLOPs.
+#include "cpu/dgsct_cpu.h"
+
+#include <c10/util/Exception.h>
+
+namespace dgsct::cpu {
+
+using at::Tensor;
+
+GuideState guide_forward(const Tensor& g, const std::vector<Tensor>& p, const std::string& order) {
+  GuideState s;
+  s.order = order;
+  s.g = g;
+  const int64_t F = g.size(0), M = g.size(1), D = g.size(2);
+  const Tensor& T = p[kTokens];
+  const int64_t K = T.size(0), C = T.size(1);
+  const Tensor wtok = p[kWtok].reshape({-1, M});  // [N, M]
+  const int64_t N = wtok.size(0);
+  const Tensor& btok = p[kBtok];
+  const Tensor& wfc = p[kWfc];  // [C, D]
+  const Tensor& bfc = p[kBfc];
+  s.Q = at::mm(T, wfc);  // [K, D]
+  if (order == "rewritten") {
+    s.qsum = s.Q.sum(1);     // [K]
+    s.wsum = wfc.sum(1);     // [C]
+    s.Sg = at::matmul(s.Q, g.transpose(1, 2)).contiguous();  // [F, K, M]
+    Tensor S = at::mm(s.Sg.view({F * K, M}), wtok.t()).view({F, K, N});
+    S.add_(at::outer(s.qsum, btok));  // broadcast over frames
+    s.A = at::softmax(S, -1);                                  // [F, K, N]
+    s.B = at::mm(s.A.view({F * K, N}), wtok).view({F, K, M});  // A Wtok
+    s.applied = at::bmm(s.B, g);                                // [F, K, D]
+    s.ab = at::matmul(s.A, btok);                               // [F, K]
+    s.R = at::matmul(s.applied, wfc.t()).add_(s.ab.unsqueeze(-1) * s.wsum).add_(bfc).add_(T);
+    s.wbar = wtok.mean(0);                                      // [M]
+    s.ga = at::matmul(s.wbar, g);                               // [F, D]
+    s.a = at::mm(s.ga, wfc.t()).add_(btok.mean() * s.wsum).add_(bfc);
+  } else if (order == "tokens-first") {
+    s.U = at::matmul(wtok, g).add_(btok.unsqueeze(-1));        // [F, N, D]
+    s.A = at::softmax(at::matmul(s.Q, s.U.transpose(1, 2)), -1);  // [F, K, N]
+    s.AU = at::bmm(s.A, s.U);                                   // [F, K, D]
+    s.R = at::matmul(s.AU, wfc.t()).add_(bfc).add_(T);
+    s.ubar = s.U.mean(1);                                       // [F, D]
+    s.a = at::mm(s.ubar, wfc.t()).add_(bfc);
+  } else {
+    TORCH_CHECK(false, "dgsct_kernels cpu: guide_order='", order, "': expected 'rewritten' or 'tokens-first'");
+  }
+  (void)C;
+  (void)D;
+  return s;
+}
+
+GuideGrads guide_backward(const GuideState& s, const std::vector<Tensor>& p, const Tensor& dR,
+                          const Tensor& da, bool want_g) {
+  GuideGrads out;
+  const Tensor& g = s.g;
+  const int64_t F = g.size(0), M = g.size(1), D = g.size(2);
+  const Tensor& T = p[kTokens];
+  const int64_t K = T.size(0), C = T.size(1);
+  const Tensor wtok = p[kWtok].reshape({-1, M});
+  const int64_t N = wtok.size(0);
+  const Tensor& btok = p[kBtok];
+  const Tensor& wfc = p[kWfc];
+  Tensor dT = dR.sum(0);                                   // R = T + ...
+  out.bfc = dR.sum({0, 1}) + da.sum(0);
+  Tensor dQ;
+  if (s.order == "rewritten") {
+    Tensor d_applied = at::matmul(dR, wfc);                // [F, K, D]
+    Tensor dWfc = at::mm(dR.reshape({F * K, C}).t(), s.applied.reshape({F * K, D}));
+    Tensor dab = at::matmul(dR, s.wsum);                   // [F, K]
+    Tensor dwsum = (dR * s.ab.unsqueeze(-1)).sum({0, 1});  // [C]
+    // pooled guide a = ga Wfc^T + mean(btok) wsum + bfc, ga = wbar g
+    Tensor dga = at::mm(da, wfc);                          // [F, D]
+    dWfc.add_(at::mm(da.t(), s.ga));
+    dwsum.add_(da.sum(0) * btok.mean());
+    Tensor dbtok = at::matmul(da, s.wsum).sum().div(N).expand({N}).contiguous();
+    Tensor dwbar = at::matmul(g, dga.unsqueeze(-1)).squeeze(-1).sum(0);  // [M]
+    // applied = B g
+    Tensor dB = at::bmm(d_applied, g.transpose(1, 2));     // [F, K, M]
+    // B = A Wtok, ab = A btok
+    Tensor dA = at::mm(dB.view({F * K, M}), wtok.t()).view({F, K, N});
+    dA.add_(dab.unsqueeze(-1) * btok);
+    dbtok.add_((s.A * dab.unsqueeze(-1)).sum({0, 1}));
+    // softmax
+    Tensor dS = s.A * (dA - (s.A * dA).sum(-1, true));
+    // S = Sg Wtok^T + qsum btok^T. One product for all three Wtok terms (B = A Wtok,
+    // S, and wbar = mean_n Wtok): [A; dS; 1/N]^T [dB; Sg; dwbar].
+    Tensor left = at::cat({s.A.view({F * K, N}), dS.view({F * K, N}), at::full({1, N}, 1.0 / N, dS.options())}, 0);
+    Tensor right = at::cat({dB.view({F * K, M}), s.Sg.view({F * K, M}), dwbar.view({1, M})}, 0);
+    Tensor dWtok = at::mm(left.t(), right);
+    Tensor dSg = at::mm(dS.view({F * K, N}), wtok).view({F, K, M});
+    Tensor dqsum = at::matmul(dS, btok);                   // [F, K]
+    dbtok.add_((dS * s.qsum.view({1, K, 1})).sum({0, 1}));
+    // Sg = Q g^T, qsum = Q 1_D
+    dQ = at::bmm(dSg, g).sum(0).add_(dqsum.sum(0).unsqueeze(-1));  // [K, D]
+    Tensor dg;
+    if (want_g) {  // one batched product for the three terms: [dSg; B; wbar]^T [Q; d_applied; dga]
+      Tensor gl = at::cat({dSg, s.B, s.wbar.view({1, 1, M}).expand({F, 1, M})}, 1);
+      Tensor gr = at::cat({s.Q.unsqueeze(0).expand({F, K, D}), d_applied, dga.view({F, 1, D})}, 1);
+      dg = at::bmm(gl.transpose(1, 2), gr);
+    }
+    dWfc.add_(dwsum.unsqueeze(-1));                        // wsum = Wfc 1_D
+    out.Wfc = dWfc;
+    out.btok = dbtok;
+    out.Wtok = dWtok;
+    out.g = dg;
+  } else {
+    Tensor dAU = at::matmul(dR, wfc);                      // [F, K, D]
+    Tensor dWfc = at::mm(dR.reshape({F * K, C}).t(), s.AU.reshape({F * K, D})).add_(at::mm(da.t(), s.ubar));
+    Tensor dubar = at::mm(da, wfc);                        // [F, D]
+    Tensor dU = at::bmm(s.A.transpose(1, 2), dAU).add_(dubar.unsqueeze(1).div(N));  // [F, N, D]
+    Tensor dA = at::bmm(dAU, s.U.transpose(1, 2));         // [F, K, N]
+    Tensor dS = s.A * (dA - (s.A * dA).sum(-1, true));
+    dU.add_(at::matmul(dS.transpose(1, 2), s.Q));
+    dQ = at::bmm(dS, s.U).sum(0);                          // [K, D]
+    // U = Wtok g + btok: sum over frames of dU_f g_f^T as one product
+    out.Wtok = at::mm(dU.permute({1, 0, 2}).reshape({N, F * D}), g.transpose(1, 2).reshape({F * D, M}));
+    out.btok = dU.sum({0, 2});
+    if (want_g) out.g = at::matmul(wtok.t(), dU);
+    out.Wfc = dWfc;
+  }
+  // Q = T Wfc
+  dT.add_(at::mm(dQ, wfc.t()));
+  out.Wfc.add_(at::mm(T.t(), dQ));
+  out.tokens = dT;
+  return out;
+}
+
+}  // namespace dgsct::cpu
