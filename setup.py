@@ -42,6 +42,19 @@ def cuda_decision(torch) -> tuple[bool, str]:
     return True, ""
 
 
+def cuda_extra_includes() -> list[str]:
+    """Header folders of the CUDA libraries torch's wheels ship (nvidia/<pkg>/include):
+    torch's CUDA headers include cusparse.h and cublas_v2.h, which a bare nvcc lacks."""
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels torch depends on
+    except ImportError:
+        return []
+    found = []
+    for root in getattr(nvidia, "__path__", []):
+        found += sorted(str(p) for p in Path(root).glob("*/include") if p.is_dir())
+    return found
+
+
 def cuda_archs() -> str:
     raw = os.environ.get("DGSCT_CUDA_ARCHS", "80;90")
     archs = [a.replace(".", "") for a in re.split(r"[;,\s]+", raw.strip()) if a]
@@ -79,6 +92,10 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DDGSCT_CPU_NATIVE={'OFF' if os.environ.get('DGSCT_CPU_NATIVE', '1').strip().lower() in ('0', 'false', 'no', 'off') else 'ON'}",
         ]
+        if with_cuda:
+            nvcc = shutil.which("nvcc") or str(Path(cpp_extension.CUDA_HOME or "") / "bin" / "nvcc")
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                     f"-DDGSCT_CUDA_EXTRA_INCLUDES={';'.join(cuda_extra_includes())}"]
         if shutil.which("ninja"):
             args.append("-GNinja")
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)

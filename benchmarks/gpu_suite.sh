@@ -16,6 +16,7 @@ DGSCT_CUDA_ARCHS=${DGSCT_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-16} \
   pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 \
   || { tail -40 "$out/build.log"; exit 1; }
 python -m dgsct_kernels.info | tee "$out/info.txt"
+grep -q "^cuda extension: built" "$out/info.txt" || echo "[gpu_suite] WARNING: the CUDA extension was not built; the cuda backend will be skipped (set DGSCT_FORCE_CUDA=1 or put nvcc on PATH)"
 elapsed "built"
 
 # GPU parity tests (Triton compiles for real here, not through the interpreter)

@@ -1,2 +1,2 @@
 """Backends register themselves with `dgsct_kernels.dispatch` when imported here."""
-from . import cpu, reference, triton  # noqa: F401
+from . import cpu, cuda, reference, triton  # noqa: F401
