@@ -3,7 +3,7 @@
 # network: build the extension, run the GPU tests, run the benchmark at the AVE shapes.
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR
 # Environment: DGSCT_CUDA_ARCHS (default 90a), COMPILE_MODE (default max-autotune),
-# SHAPES (default all), FRAMES (default 80).
+# SHAPES (default all), FRAMES (default 80), TEST_BUDGET_S (240), SUITE_BUDGET_S (480).
 set -euo pipefail
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -21,13 +21,18 @@ elapsed "built"
 
 # GPU parity tests (Triton compiles for real here, not through the interpreter)
 set +e
-DGSCT_GPU_TESTS=1 python -m pytest -m gpu -q -ra -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt"
+# the whole suite must fit one 10-minute device call: the tests get at most 4 minutes
+DGSCT_GPU_TESTS=1 timeout "${TEST_BUDGET_S:-240}" python -m pytest -m gpu -q -ra -p no:cacheprovider \
+  tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt"
 tests_status=${PIPESTATUS[0]}
 set -e
 elapsed "tests done (status $tests_status)"
 
+# the benchmark starts no new case once the suite has run 8 minutes; rows are written per case
+budget=$(( ${SUITE_BUDGET_S:-480} - ($(date +%s) - start) ))
 DGSCT_GPU_TESTS=1 python benchmarks/run.py --device cuda --dtype bfloat16 --frames "${FRAMES:-80}" \
   --shapes "${SHAPES:-all}" --compile-mode "${COMPILE_MODE:-max-autotune}" --out "$out/bench-bf16" \
+  --time-budget "$(( budget > 30 ? budget : 30 ))" \
   2> "$out/bench-bf16.log" | tee "$out/bench-bf16.txt"
 elapsed "benchmark done"
 exit "$tests_status"

@@ -83,6 +83,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path,
                         help="output folder (default: benchmarks/out/<date>-<device>)")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="start no new case after this many seconds (the first always runs); "
+                             "rows are written after every case, so a cut-off run leaves results")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile baseline")
     parser.add_argument("--threads", type=int,
@@ -496,8 +499,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     begin = time.perf_counter()
     cases = [(shape, mode) for shape in args.shapes for mode in args.modes]
     rows = []
+    env["skipped_cases"] = []
     for i, (shape, mode) in enumerate(cases, 1):
+        if i > 1 and args.time_budget is not None and time.perf_counter() - begin > args.time_budget:
+            env["skipped_cases"] = [f"{s.label} {m}" for s, m in cases[i - 1:]]
+            progress(f"time budget of {args.time_budget:.0f} s spent: skipped "
+                     f"{', '.join(env['skipped_cases'])}")
+            break
         rows += run_case(shape, mode, args, env, f"[{i}/{len(cases)}]")
+        write_results(rows, env, args.out)  # a run cut off later still leaves these rows
     env["busy_cores_after"] = busy_cores()
     warn_if_busy(env["busy_cores_after"], args.device)
     write_results(rows, env, args.out)

@@ -72,6 +72,14 @@ def test_tiny_run_writes_one_row_per_shape_mode_backend(tmp_path, monkeypatch):
             assert measured == (row["saved_activation_bytes"] not in ("", "0"))
 
 
+def test_time_budget_stops_starting_cases_and_keeps_the_rows(tmp_path):
+    """A spent budget skips the remaining cases, and the rows run so far are written."""
+    rows, results = run_benchmark(tmp_path, "--shapes", "tiny", "--no-compile", "--time-budget", "0")
+    assert {(r["shape"], r["mode"]) for r in rows} == {("tiny-visual", "eval-fwd")}
+    assert results["header"]["skipped_cases"] == ["tiny-visual train-fwd+bwd", "tiny-audio eval-fwd",
+                                                  "tiny-audio train-fwd+bwd"]
+
+
 @pytest.mark.slow
 def test_compile_baseline_is_timed_and_its_saved_tensors_counted(tmp_path):
     rows, results = run_benchmark(tmp_path, "--shapes", "tiny-visual", "--modes", "train-fwd+bwd")
