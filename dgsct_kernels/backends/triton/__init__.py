@@ -30,9 +30,8 @@ from ...reference import RawOutputs
 
 try:
     import triton
-    import triton.language as tl
 
-    from .common import interpreting
+    from .common import dot_dtype, interpreting
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as error:  # the backend reports itself unavailable
     _IMPORT_ERROR = str(error)
@@ -111,10 +110,6 @@ def _plan(frames, dims, dtype, batch_stats, use_ln_before, use_ln_post):
     return plan
 
 
-def _dot_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-
-
 def _bn_affine(weight, bias, mean, var, eps, size, like):
     """BatchNorm as per-channel (scale, shift) in float32; identity when there is none."""
     if weight is None:
@@ -168,7 +163,7 @@ def _frame_state(x, g, p, hyper, training):
     plan = _plan(frames, dims, x.dtype, batch_stats, p["ln_before.weight"] is not None,
                  p["ln_post.weight"] is not None)
     launches = {k.name: k for k in plan.launches}
-    dot, interpret = _dot_dtype(x.dtype), interpreting()
+    dot, interpret = dot_dtype(x.dtype), interpreting()
     # the small per-frame layers run in float32; the large weights stay in x's dtype
     f32 = {k: v.float() for k, v in p.items()
            if v is not None and k.startswith(("fc_affine", "temporal_gated"))}

@@ -8,16 +8,18 @@ forward's. The gradient then runs in two stages, in float32:
          (output_backward_pass.py) recomputes u from z and writes only du; train-mode bn2
          needs per-channel sums over all F*N tokens first, so in training it runs twice.
          The up projection's two products and bn1's backward (on [F, N, C/r]) follow.
-  front  dz -> dx: down projection, ln_before, the modulation (split into dx1, the
-         frame's dch and dtg, the token's ds), the spatial and channel attentions, then
-         the prompt attention; the per-frame layers and the guide path (its rewritten or
-         tokens-first order, P never formed) through torch.func.vjp on [F, K, C] tensors.
+  front  dz -> dx. One fused Triton pass (modulation_backward_pass.py) recomputes x1
+         and the modulation, takes dy = dz W_down through ln_before and the modulation,
+         reduces d scale on chip (per token for ds, per frame for dch and dtg), and
+         writes x1, y and dx1. Then, in PyTorch: the spatial attention (qv2 recomputed
+         by one product), the channel attention, the prompt attention, and the per-frame
+         layers and guide path (its rewritten or tokens-first order, P never formed)
+         through torch.func.vjp on [F, K, C] tensors.
 
-The front is still PyTorch: matrix products in cuBLAS/oneDNN, its [F, N, C] tensors
-transients of the backward, freed as it goes, never saved by the forward. Each of its
-weight gradients is a reduction over all tokens of a product of two token-sized
-operands; whether to keep those as temporaries feeding cuBLAS or to reduce them inside
-fused passes needs a GPU to decide (benchmarks/NOTES.md).
+Each weight gradient is a reduction over all F*N tokens of a product of two token-sized
+operands; here those are temporaries of the backward (x1, y, du, dqv1, dqv2, ...) fed to
+cuBLAS, freed as it goes and never saved by the forward. Reducing them per frame inside
+fused passes instead is the choice GPU timings have to make (benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from torch import Tensor
 
 from ...config import Hyper
 from ...guide_path import prompts_and_pooled_guide
-from .common import interpreting
+from .common import dot_dtype, interpreting
+from .modulation_backward_pass import modulation_backward_launch, run_modulation_backward
 from .output_backward_pass import output_backward_launch, run_output_backward
 
 _GUIDE_NAMES = ("conv_adapter.weight", "conv_adapter.bias", "fc.weight", "fc.bias", "my_tokens")
@@ -47,17 +50,12 @@ def _grouped_backward(grad_out: Tensor, inp: Tensor, weight: Tensor) -> tuple[Te
     return d_inp, d_weight
 
 
-def _layer_norm(inp: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(normalised input, 1/std) over the last dimension, as F.layer_norm computes them."""
-    var, mean = torch.var_mean(inp, -1, unbiased=False, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    return (inp - mean) * rstd, rstd
-
-
-def _layer_norm_backward(d_normed: Tensor, normed: Tensor, rstd: Tensor) -> Tensor:
-    """d input from d of the normalised value (before the affine) of a LayerNorm."""
-    return rstd * (d_normed - d_normed.mean(-1, keepdim=True)
-                   - normed * (d_normed * normed).mean(-1, keepdim=True))
+def _grouped_weight_grad(grad_out: Tensor, inp: Tensor, weight: Tensor) -> Tensor:
+    """d weight of `grouped_linear(inp, weight)` over all tokens."""
+    cout, cin_g = weight.shape[0], weight.shape[1]
+    groups = inp.shape[-1] // cin_g
+    dout = grad_out.reshape(-1, groups, cout // groups)
+    return torch.einsum("ngo,ngi->goi", dout, inp.reshape(-1, groups, cin_g)).reshape(weight.shape)
 
 
 def _batch_norm_backward(d_out: Tensor, inp: Tensor, weight: Tensor, mean: Tensor, var: Tensor,
@@ -112,36 +110,22 @@ def backward(state, grads: Sequence[Tensor], x: Tensor, g: Tensor,
             d_z, z, p["bn1.weight"], mean1, var1, hyper.bn1_eps, batch_stats)
     del pre1, d_h
 
-    # ---- front: recompute x1 and the modulation from x and the frame vectors
-    xf = x.float()
+    # ---- front: the down projection, ln_before and the modulation, fused
+    # (modulation_backward_pass); it writes x1, y and dx1, the operands of what follows
     prompts, ch, qa1, qa2, tg, s = state.prompts, state.ch, state.qa1, state.qa2, state.tg, state.s
-    probs = torch.matmul(xf, prompts.transpose(1, 2)).softmax(-1)  # [F, N, K]
-    prompt_mix = torch.matmul(probs, prompts)
-    x1 = xf + p["gate_av"] * prompt_mix
-    sp_sigmoid = torch.sigmoid(s)
-    scale = (hyper.alpha * ch[:, None, :] + hyper.beta * sp_sigmoid[..., None]
-             + hyper.gamma * tg[:, None, None] + 1 - hyper.alpha)
-    modulated = x1 * scale
-    y = modulated
-    if p["ln_before.weight"] is not None:
-        normed_before, rstd_before = _layer_norm(modulated, hyper.ln_before_eps)
-        y = normed_before * p["ln_before.weight"] + p["ln_before.bias"]
-    d_y, out["down_sampler.weight"] = _grouped_backward(d_z, y, p["down_sampler.weight"])
+    launch = modulation_backward_launch(frames, tokens, x.shape[-1], prompts.shape[1], hidden_dim,
+                                        x.shape[-1] // params["down_sampler.weight"].shape[1],
+                                        x.element_size(), params["ln_before.weight"] is not None)
+    x1, y, d_x1, scale_row_sums, scale_frame_sums, d_ln_weight, d_ln_bias = run_modulation_backward(
+        launch, x.contiguous(), prompts, ch, tg, s, d_z, params, hyper, dot_dtype(x.dtype), interpreting())
+    out["down_sampler.weight"] = _grouped_weight_grad(d_z, y, p["down_sampler.weight"])
     del y, d_z
-    d_mod = d_y
     if p["ln_before.weight"] is not None:
-        out["ln_before.weight"] = (d_y * normed_before).sum((0, 1))
-        out["ln_before.bias"] = d_y.sum((0, 1))
-        d_mod = _layer_norm_backward(d_y * p["ln_before.weight"], normed_before, rstd_before)
-        del normed_before, rstd_before
-    del d_y, modulated
-    d_x1 = d_mod * scale
-    d_scale = d_mod * x1
-    del d_mod, scale
-    d_ch = hyper.alpha * d_scale.sum(1)  # [F, C]
-    d_sp_sigmoid = hyper.beta * d_scale.sum(-1)  # [F, N]
-    d_tg = grad_tg + hyper.gamma * d_scale.sum((1, 2))  # [F]
-    del d_scale
+        out["ln_before.weight"], out["ln_before.bias"] = d_ln_weight, d_ln_bias
+    d_ch = hyper.alpha * scale_frame_sums  # [F, C]
+    d_sp_sigmoid = hyper.beta * scale_row_sums  # [F, N]
+    d_tg = grad_tg + hyper.gamma * scale_row_sums.sum(1)  # [F]
+    sp_sigmoid = torch.sigmoid(s)
 
     # spatial attention: s feeds sigmoid(s) in the modulation and softmax(tanh(s)) as the map
     tanh_s = torch.tanh(s)
@@ -182,7 +166,10 @@ def backward(state, grads: Sequence[Tensor], x: Tensor, g: Tensor,
     d_x1 += torch.matmul(d_v1, p["fc_affine_video_1.weight"])
     del d_v1, x1
 
-    # prompt attention: x1 = x + gate_av * softmax(x R^T) R
+    # prompt attention: x1 = x + gate_av * softmax(x R^T) R ([F, N, K] products, recomputed)
+    xf = x.float()
+    probs = torch.matmul(xf, prompts.transpose(1, 2)).softmax(-1)
+    prompt_mix = torch.matmul(probs, prompts)
     out["gate_av"] = (d_x1 * prompt_mix).sum().reshape(1)
     del prompt_mix
     d_probs = p["gate_av"] * torch.matmul(d_x1, prompts.transpose(1, 2))  # [F, N, K]

@@ -16,6 +16,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+def dot_dtype(dtype):
+    """The tl dtype of a torch floating dtype: the operand type of the passes' products."""
+    import torch
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
 @triton.jit
 def matmul(a, b, DOT: tl.constexpr, INTERPRET: tl.constexpr):
     """a @ b with float32 accumulation; DOT is the operand dtype (the input's)."""
