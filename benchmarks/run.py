@@ -434,8 +434,27 @@ def _maybe(value: Optional[float], scale: float, fmt: str) -> str:
     return "-" if value is None else fmt.format(value * scale)
 
 
+def measured_winners(rows: list[dict]) -> list[dict]:
+    """The fastest GPU backend per (device, dtype, mode, shape), in the row format of
+    dgsct_kernels/measured_winners.json (what `auto` reads to choose between them)."""
+    candidates = {b.name for b in dispatch.registered_backends()
+                  if "cuda" in b.devices and b.name != "reference"}
+    timed: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r["backend"] in candidates and str(r["device"]).startswith("cuda"):
+            key = (r["device_name"], r["dtype"], r["mode"], r["N"], r["C"], r["M"], r["D"], r["F"])
+            timed.setdefault(key, {})[r["backend"]] = r["median_ms"]
+    return [{"device_name": key[0], "dtype": key[1], "mode": key[2], "N": key[3], "C": key[4],
+             "M": key[5], "D": key[6], "winner": min(times, key=times.get), "F": key[7],
+             "median_ms": times} for key, times in timed.items()]
+
+
 def write_results(rows: list[dict], env: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    winners = measured_winners(rows)
+    if winners:  # copy reviewed rows into dgsct_kernels/measured_winners.json for auto
+        with open(out / "winners.json", "w") as f:
+            json.dump(winners, f, indent=1)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()

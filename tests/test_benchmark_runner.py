@@ -130,3 +130,40 @@ def test_bad_arguments_are_named(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             run.parse_args(["--device", "cpu", *argv])
         assert named in capsys.readouterr().err
+
+
+def test_gpu_winners_feed_auto(tmp_path, monkeypatch):
+    """The runner's winners rows are the table `auto` reads to choose between GPU backends."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import run
+    from dgsct_kernels import measured
+    from dgsct_kernels.config import Dims
+
+    def row(backend, ms, mode="train-fwd+bwd"):
+        return {"device": "cuda", "device_name": "GPU X", "dtype": "bfloat16", "mode": mode,
+                "N": 36, "C": 1536, "M": 64, "D": 768, "F": 80, "backend": backend, "median_ms": ms}
+
+    rows = [row("eager", 9.0), row("triton", 2.0), row("cuda", 3.0), row("cuda", 1.0, "eval-fwd"),
+            row("triton", 4.0, "eval-fwd"), {**row("triton", 0.5), "device": "cpu"}]
+    winners = run.measured_winners(rows)
+    assert sorted((w["mode"], w["winner"]) for w in winners) == [("eval-fwd", "cuda"),
+                                                                ("train-fwd+bwd", "triton")]
+    table = tmp_path / "winners.json"
+    table.write_text(json.dumps(winners))
+    read = measured.load_table.__wrapped__
+    monkeypatch.setattr(measured, "load_table", lambda: read(table))
+    monkeypatch.setattr(measured, "current_cuda_device_name", lambda: "GPU X")
+    dims = Dims(tokens=36, dim=1536, guide_tokens=64, guide_dim=768, num_latents=32, hidden=192, groups=2)
+    assert measured.gpu_auto_reasons("triton", "cuda", torch.bfloat16, True, dims) == []
+    assert "slower than 'triton'" in measured.gpu_auto_reasons("cuda", "cuda", torch.bfloat16, True, dims)[0]
+    assert measured.gpu_auto_reasons("cuda", "cuda", torch.bfloat16, False, dims) == []
+    assert "not yet measured on GPU X" in measured.gpu_auto_reasons("cuda", "cuda", torch.float16, False, dims)[0]
+    other = Dims(tokens=37, dim=1536, guide_tokens=64, guide_dim=768, num_latents=32, hidden=192, groups=2)
+    assert "not yet measured" in measured.gpu_auto_reasons("triton", "cuda", torch.bfloat16, True, other)[0]
+
+
+def test_committed_winners_table_is_well_formed():
+    from dgsct_kernels import measured
+    measured.load_table.cache_clear()
+    for key, winner in measured.load_table().items():
+        assert winner in dispatch.backend_names(), (key, winner)

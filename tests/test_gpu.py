@@ -175,6 +175,7 @@ def test_cuda_forward_writes_no_token_by_channel_temporaries(cuda, shape):
 def test_tiny_ave_model_trains_a_step_on_the_gpu(cuda, backend):
     """The model layer end to end on the GPU: forward, the AVE loss, backward, finite gradients
     that reach the first block's DG-SCT modules."""
+    pytest.importorskip("timm", reason="the model layer needs timm")
     from dgsct_kernels.models import build_dgsct
     from dgsct_kernels.models.heads.ave import ave_loss
 

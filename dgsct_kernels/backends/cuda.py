@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import Problem, register
+from ..measured import gpu_auto_reasons
 from .compiled import CompiledBackend, missing_kernels_reason
 
 # A thread block holds a tile of tokens in shared memory; one token needs
@@ -45,9 +46,9 @@ class CudaBackend(CompiledBackend):
         return []
 
     def auto_reasons(self, problem: Problem) -> list[str]:
-        # auto chooses between triton and cuda by measured speed only, and neither has
-        # been measured on a GPU yet
-        return ["not yet measured on a GPU; select it explicitly with backend='cuda'"]
+        # auto chooses between the GPU backends by measured speed only (measured.py)
+        return gpu_auto_reasons(self.name, problem.device_type, problem.dtype, problem.training,
+                                problem.dims)
 
 
 register(CudaBackend())

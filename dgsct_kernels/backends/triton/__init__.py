@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ...config import Hyper, dims_from_params
 from ...dispatch import Backend, Problem, register
+from ...measured import gpu_auto_reasons
 from ...guide_path import plan_guide_path, prompts_and_pooled_guide
 from ...reference import RawOutputs
 
@@ -58,7 +59,11 @@ class TritonBackend(Backend):
         return reasons
 
     def auto_reasons(self, problem: Problem) -> list[str]:
-        return ["not yet measured on a GPU; select it explicitly with backend='triton'"]
+        if problem.device_type == "cpu":
+            return ["the CPU runs Triton only through its interpreter, for tests"]
+        # on GPUs auto chooses between the GPU backends by measured speed only (measured.py)
+        return gpu_auto_reasons(self.name, problem.device_type, problem.dtype, problem.training,
+                                problem.dims)
 
     def plan(self, frames: int, dims, dtype: torch.dtype, training: bool, use_ln_before: bool,
              use_ln_post: bool, use_bn: bool):
