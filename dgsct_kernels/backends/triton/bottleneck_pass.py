@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import matmul, prompt_probabilities, x1_columns, x1_times_weight
+from .common import matmul, prompt_probabilities, stable_sigmoid, x1_columns, x1_times_weight
 from .plan import Launch, latents_block, tile
 
 
@@ -25,6 +25,30 @@ def _modulated(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta, 
     ch = tl.load(ch_frame + cols, mask=col_mask, other=0.0)
     scale = alpha * ch[None, :] + beta * sp[:, None] + gamma * tg + 1.0 - alpha
     return tl.where(row_mask[:, None] & col_mask[None, :], x1 * scale, 0.0)
+
+
+@triton.jit
+def ln_before_statistics(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta, gamma, rows,
+                         row_mask, C, K, ln_eps, BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr,
+                         DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """ln_before's per-token mean and 1/std of xm over the C channels (two sweeps: mean, then
+    the centred variance)."""
+    mean = tl.zeros((BN,), dtype=tl.float32)
+    for c0 in range(0, C, BK):
+        cols = c0 + tl.arange(0, BK)
+        xm = _modulated(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta, gamma,
+                        rows, row_mask, cols, cols < C, C, K, KP, DOT, INTERPRET)
+        mean += tl.sum(xm, 1)
+    mean = mean / C
+    var = tl.zeros((BN,), dtype=tl.float32)
+    for c0 in range(0, C, BK):
+        cols = c0 + tl.arange(0, BK)
+        col_mask = cols < C
+        xm = _modulated(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta, gamma,
+                        rows, row_mask, cols, col_mask, C, K, KP, DOT, INTERPRET)
+        centred = tl.where(col_mask[None, :], xm - mean[:, None], 0.0)
+        var += tl.sum(centred * centred, 1)
+    return mean, 1.0 / tl.sqrt(var / C + ln_eps)
 
 
 @triton.jit
@@ -58,29 +82,14 @@ def bottleneck_pass_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, qa2_ptr, tg_ptr,
         s += tl.sum(tl.maximum(acc + bias[None, :], 0.0) * weight[None, :], 1)
     s += tl.load(bs_ptr).to(tl.float32)
     tl.store(s_ptr + f * N + rows, s, mask=row_mask)
-    decay = tl.exp(-tl.abs(s))  # a sigmoid that never overflows, even for |s| ~ 1e4
-    sp = tl.where(s >= 0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
+    sp = stable_sigmoid(s)
     tg = tl.load(tg_ptr + f)
 
-    # ln_before statistics over the C channels (two passes: mean, then centred variance)
     mean = tl.zeros((BN,), dtype=tl.float32)
     rstd = tl.full((BN,), 1.0, dtype=tl.float32)
     if USE_LN:
-        for c0 in range(0, C, BK):
-            cols = c0 + tl.arange(0, BK)
-            xm = _modulated(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta, gamma,
-                            rows, row_mask, cols, cols < C, C, K, KP, DOT, INTERPRET)
-            mean += tl.sum(xm, 1)
-        mean = mean / C
-        var = tl.zeros((BN,), dtype=tl.float32)
-        for c0 in range(0, C, BK):
-            cols = c0 + tl.arange(0, BK)
-            col_mask = cols < C
-            xm = _modulated(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta, gamma,
-                            rows, row_mask, cols, col_mask, C, K, KP, DOT, INTERPRET)
-            centred = tl.where(col_mask[None, :], xm - mean[:, None], 0.0)
-            var += tl.sum(centred * centred, 1)
-        rstd = 1.0 / tl.sqrt(var / C + ln_eps)
+        mean, rstd = ln_before_statistics(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta,
+                                          gamma, rows, row_mask, C, K, ln_eps, BN, BK, KP, DOT, INTERPRET)
 
     # grouped down projection: group g maps channels [g C/G, (g+1) C/G) to hidden [g H/G, ...)
     cg = C // GROUPS

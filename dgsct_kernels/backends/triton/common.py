@@ -23,6 +23,13 @@ def dot_dtype(dtype):
 
 
 @triton.jit
+def stable_sigmoid(s):
+    """sigmoid(s) that never overflows, even for |s| ~ 1e4."""
+    decay = tl.exp(-tl.abs(s))
+    return tl.where(s >= 0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
+
+
+@triton.jit
 def matmul(a, b, DOT: tl.constexpr, INTERPRET: tl.constexpr):
     """a @ b with float32 accumulation; DOT is the operand dtype (the input's)."""
     if DOT == tl.float32:

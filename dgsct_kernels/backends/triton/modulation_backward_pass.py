@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck_pass import _modulated
-from .common import matmul, prompt_probabilities, x1_columns
+from .bottleneck_pass import _modulated, ln_before_statistics
+from .common import matmul, prompt_probabilities, stable_sigmoid, x1_columns
 from .plan import Launch, latents_block, tile
 
 SUMS = 3  # per-channel sums: d scale, d y * y_hat (ln_before weight), d y (ln_before bias)
@@ -52,8 +52,7 @@ def modulation_backward_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, tg_ptr, s_ptr,
     gate_av = tl.load(gate_av_ptr).to(tl.float32)
     probs = prompt_probabilities(x_frame, r_frame, rows, row_mask, C, K, BN, BK, KP, DOT, INTERPRET)
     s = tl.load(s_ptr + f * N + rows, mask=row_mask, other=0.0)
-    decay = tl.exp(-tl.abs(s))  # a sigmoid that never overflows
-    sp = tl.where(s >= 0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
+    sp = stable_sigmoid(s)
     tg = tl.load(tg_ptr + f)
     cg = C // GROUPS
 
@@ -62,21 +61,8 @@ def modulation_backward_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, tg_ptr, s_ptr,
     d_mean = tl.zeros((BN,), dtype=tl.float32)
     d_dot = tl.zeros((BN,), dtype=tl.float32)
     if USE_LN:
-        for c0 in range(0, C, BK):
-            cols = c0 + tl.arange(0, BK)
-            xm = _modulated(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta, gamma,
-                            rows, row_mask, cols, cols < C, C, K, KP, DOT, INTERPRET)
-            mean += tl.sum(xm, 1)
-        mean = mean / C
-        var = tl.zeros((BN,), dtype=tl.float32)
-        for c0 in range(0, C, BK):
-            cols = c0 + tl.arange(0, BK)
-            col_mask = cols < C
-            xm = _modulated(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta, gamma,
-                            rows, row_mask, cols, col_mask, C, K, KP, DOT, INTERPRET)
-            centred = tl.where(col_mask[None, :], xm - mean[:, None], 0.0)
-            var += tl.sum(centred * centred, 1)
-        rstd = 1.0 / tl.sqrt(var / C + ln_eps)
+        mean, rstd = ln_before_statistics(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta,
+                                          gamma, rows, row_mask, C, K, ln_eps, BN, BK, KP, DOT, INTERPRET)
         # ln_before's backward: per token, the channel sums of d y_hat and d y_hat * y_hat
         for group in range(GROUPS):
             for c0 in range(0, cg, BK):
