@@ -38,24 +38,21 @@ from .output_backward_pass import output_backward_launch, run_output_backward
 _GUIDE_NAMES = ("conv_adapter.weight", "conv_adapter.bias", "fc.weight", "fc.bias", "my_tokens")
 
 
-def _grouped_backward(grad_out: Tensor, inp: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of `grouped_linear(inp, weight)`: (d inp, d weight) over all tokens."""
-    cout, cin_g = weight.shape[0], weight.shape[1]
-    groups = inp.shape[-1] // cin_g
-    w = weight.reshape(groups, cout // groups, cin_g)
-    dout = grad_out.reshape(-1, groups, cout // groups)
-    x = inp.reshape(-1, groups, cin_g)
-    d_inp = torch.einsum("ngo,goi->ngi", dout, w).reshape(inp.shape)
-    d_weight = torch.einsum("ngo,ngi->goi", dout, x).reshape(weight.shape)
-    return d_inp, d_weight
-
-
 def _grouped_weight_grad(grad_out: Tensor, inp: Tensor, weight: Tensor) -> Tensor:
     """d weight of `grouped_linear(inp, weight)` over all tokens."""
     cout, cin_g = weight.shape[0], weight.shape[1]
     groups = inp.shape[-1] // cin_g
     dout = grad_out.reshape(-1, groups, cout // groups)
     return torch.einsum("ngo,ngi->goi", dout, inp.reshape(-1, groups, cin_g)).reshape(weight.shape)
+
+
+def _grouped_backward(grad_out: Tensor, inp: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of `grouped_linear(inp, weight)`: (d inp, d weight) over all tokens."""
+    cout, cin_g = weight.shape[0], weight.shape[1]
+    groups = inp.shape[-1] // cin_g
+    dout = grad_out.reshape(-1, groups, cout // groups)
+    d_inp = torch.einsum("ngo,goi->ngi", dout, weight.reshape(groups, cout // groups, cin_g))
+    return d_inp.reshape(inp.shape), _grouped_weight_grad(grad_out, inp, weight)
 
 
 def _batch_norm_backward(d_out: Tensor, inp: Tensor, weight: Tensor, mean: Tensor, var: Tensor,
