@@ -40,6 +40,26 @@ struct GuideGrads {
   at::Tensor g, Wtok, btok, Wfc, bfc, tokens;  // undefined where not asked for
 };
 
+// BatchNorm as the per-channel map h = z sc + sh, plus the normalisation (mu, rs = 1/std)
+// it used (for the weight gradient); identity_affine is the map of an absent BatchNorm.
+struct BnAffine {
+  at::Tensor sc, sh, mu, rs;
+};
+
+inline BnAffine bn_affine(const at::Tensor& w, const at::Tensor& b, const at::Tensor& mean,
+                          const at::Tensor& var, double eps) {
+  BnAffine a;
+  a.mu = mean.contiguous();
+  a.rs = at::rsqrt(var + eps).contiguous();
+  a.sc = (w * a.rs).contiguous();
+  a.sh = (b - a.mu * a.sc).contiguous();
+  return a;
+}
+
+inline BnAffine identity_affine(int64_t n, const at::TensorOptions& o) {
+  return BnAffine{at::ones({n}, o), at::zeros({n}, o), at::zeros({n}, o), at::ones({n}, o)};
+}
+
 GuideState guide_forward(const at::Tensor& g, const std::vector<at::Tensor>& p, const std::string& order);
 GuideGrads guide_backward(const GuideState& s, const std::vector<at::Tensor>& p, const at::Tensor& dR,
                           const at::Tensor& da, bool want_g);

@@ -780,25 +780,6 @@ void channel_mlp(const std::vector<Tensor>& p, FrameVectors& v, const Tensor& co
   v.ch = at::sigmoid(at::addmm(p[kBc], v.hid, p[kWc].t())).contiguous();
 }
 
-// BatchNorm as h = z sc + sh, plus the normalisation (mean, rstd) it used.
-struct BnAffine {
-  Tensor sc, sh, mu, rs;
-};
-
-BnAffine bn_affine(const Tensor& w, const Tensor& b, const Tensor& mean, const Tensor& var, double eps) {
-  BnAffine a;
-  a.mu = mean.contiguous();
-  a.rs = at::rsqrt(var + eps).contiguous();
-  a.sc = (w * a.rs).contiguous();
-  a.sh = (b - a.mu * a.sc).contiguous();
-  return a;
-}
-
-BnAffine identity_affine(int64_t n, at::ScalarType acc) {
-  auto o = at::TensorOptions().dtype(acc);
-  return BnAffine{at::ones({n}, o), at::zeros({n}, o), at::zeros({n}, o), at::ones({n}, o)};
-}
-
 // Batch mean and biased variance from per-item (sum, sum of squares) in double.
 std::pair<Tensor, Tensor> batch_stats(const Tensor& sums, int64_t width, int64_t count, at::ScalarType acc) {
   Tensor total = sums.sum(0);
@@ -920,7 +901,7 @@ FrontState<scalar_t, acc_t> run_front(const Tensor& x, const Tensor& g, const Pr
   if (n.batch_stats) {
     std::tie(st.mean1, st.var1) = batch_stats(zsums, n.H, count, pr.acc);
     st.a1 = bn_affine(p[kBn1W], p[kBn1B], st.mean1, st.var1, pr.hy.bn1_eps);
-    st.a2 = identity_affine(n.C, pr.acc);
+    st.a2 = identity_affine(n.C, at::TensorOptions().dtype(pr.acc));
     set_affines(n, st.a1, st.a2);
     Tensor usums = moments_pass(n, st.z);
     std::tie(st.mean2, st.var2) = batch_stats(usums, n.C, count, pr.acc);
@@ -930,8 +911,8 @@ FrontState<scalar_t, acc_t> run_front(const Tensor& x, const Tensor& g, const Pr
     st.a1 = bn_affine(p[kBn1W], p[kBn1B], p[kBn1Rm], p[kBn1Rv], pr.hy.bn1_eps);
     st.a2 = bn_affine(p[kBn2W], p[kBn2B], p[kBn2Rm], p[kBn2Rv], pr.hy.bn2_eps);
   } else {
-    st.a1 = identity_affine(n.H, pr.acc);
-    st.a2 = identity_affine(n.C, pr.acc);
+    st.a1 = identity_affine(n.H, at::TensorOptions().dtype(pr.acc));
+    st.a2 = identity_affine(n.C, at::TensorOptions().dtype(pr.acc));
   }
   set_affines(n, st.a1, st.a2);
   return st;

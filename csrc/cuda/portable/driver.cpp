@@ -133,23 +133,6 @@ Prepared prepare(const char* who, const Tensor& x, const Tensor& g, const c10::L
   return pr;
 }
 
-struct Affine {
-  Tensor sc, sh, mu, rs;
-};
-
-Affine affine(const Tensor& w, const Tensor& b, const Tensor& mean, const Tensor& var, double eps) {
-  Affine a;
-  a.mu = mean.contiguous();
-  a.rs = at::rsqrt(var + eps).contiguous();
-  a.sc = (w * a.rs).contiguous();
-  a.sh = (b - a.mu * a.sc).contiguous();
-  return a;
-}
-
-Affine identity(int64_t n, const at::TensorOptions& o) {
-  return Affine{at::ones({n}, o), at::zeros({n}, o), at::zeros({n}, o), at::ones({n}, o)};
-}
-
 std::pair<Tensor, Tensor> stats_from_sums(const Tensor& sums, int64_t width, int64_t count) {
   Tensor total = sums.sum(0);
   Tensor mean = total.slice(0, 0, width) / static_cast<double>(count);
@@ -295,23 +278,23 @@ std::vector<Tensor> forward_design(const Tensor& x_in, const Tensor& g, const c1
   // BatchNorm as affine maps; pass 3 for bn2's batch statistics
   const int64_t count = F * N;
   Tensor mean1, var1, mean2, var2;
-  Affine a1, a2;
+  P::BnAffine a1, a2;
   if (batch_stats) {
     std::tie(mean1, var1) = stats_from_sums(zsums, H, count);
-    a1 = affine(p[P::kBn1W], p[P::kBn1B], mean1, var1, pr.eps_bn1);
+    a1 = P::bn_affine(p[P::kBn1W], p[P::kBn1B], mean1, var1, pr.eps_bn1);
     t.sc1 = a1.sc.data_ptr<float>();
     t.sh1 = a1.sh.data_ptr<float>();
     Tensor usums = at::empty({items, 2 * C}, fo.dtype(at::kDouble));
     t.usums = usums.data_ptr<double>();
     runner.run(PassKind::kMoments, t, x.scalar_type());
     std::tie(mean2, var2) = stats_from_sums(usums, C, count);
-    a2 = affine(p[P::kBn2W], p[P::kBn2B], mean2, var2, pr.eps_bn2);
+    a2 = P::bn_affine(p[P::kBn2W], p[P::kBn2B], mean2, var2, pr.eps_bn2);
   } else if (pr.has_bn) {
-    a1 = affine(p[P::kBn1W], p[P::kBn1B], p[P::kBn1Rm], p[P::kBn1Rv], pr.eps_bn1);
-    a2 = affine(p[P::kBn2W], p[P::kBn2B], p[P::kBn2Rm], p[P::kBn2Rv], pr.eps_bn2);
+    a1 = P::bn_affine(p[P::kBn1W], p[P::kBn1B], p[P::kBn1Rm], p[P::kBn1Rv], pr.eps_bn1);
+    a2 = P::bn_affine(p[P::kBn2W], p[P::kBn2B], p[P::kBn2Rm], p[P::kBn2Rv], pr.eps_bn2);
   } else {
-    a1 = identity(H, fo);
-    a2 = identity(C, fo);
+    a1 = P::identity_affine(H, fo);
+    a2 = P::identity_affine(C, fo);
   }
   t.sc1 = a1.sc.data_ptr<float>();
   t.sh1 = a1.sh.data_ptr<float>();
@@ -396,23 +379,23 @@ std::vector<Tensor> backward_design(const Tensor& grad_residual, const Tensor& g
     y = lnb.out;
   }
   const Tensor z = grouped(y, p[P::kWd], G);  // [T, H]
-  Affine a1, a2;
+  P::BnAffine a1, a2;
   if (batch_stats) {
-    a1 = affine(p[P::kBn1W], p[P::kBn1B], z.mean(0), z.var(0, false), pr.eps_bn1);
+    a1 = P::bn_affine(p[P::kBn1W], p[P::kBn1B], z.mean(0), z.var(0, false), pr.eps_bn1);
   } else if (pr.has_bn) {
-    a1 = affine(p[P::kBn1W], p[P::kBn1B], p[P::kBn1Rm], p[P::kBn1Rv], pr.eps_bn1);
+    a1 = P::bn_affine(p[P::kBn1W], p[P::kBn1B], p[P::kBn1Rm], p[P::kBn1Rv], pr.eps_bn1);
   } else {
-    a1 = identity(H, z.options());
+    a1 = P::identity_affine(H, z.options());
   }
   const Tensor zb = z * a1.sc + a1.sh;
   const Tensor h = at::relu(zb);
   const Tensor u = grouped(h, p[P::kWu], G);  // [T, C]
   if (batch_stats) {
-    a2 = affine(p[P::kBn2W], p[P::kBn2B], u.mean(0), u.var(0, false), pr.eps_bn2);
+    a2 = P::bn_affine(p[P::kBn2W], p[P::kBn2B], u.mean(0), u.var(0, false), pr.eps_bn2);
   } else if (pr.has_bn) {
-    a2 = affine(p[P::kBn2W], p[P::kBn2B], p[P::kBn2Rm], p[P::kBn2Rv], pr.eps_bn2);
+    a2 = P::bn_affine(p[P::kBn2W], p[P::kBn2B], p[P::kBn2Rm], p[P::kBn2Rv], pr.eps_bn2);
   } else {
-    a2 = identity(C, u.options());
+    a2 = P::identity_affine(C, u.options());
   }
   const Tensor ub = u * a2.sc + a2.sh;
   LayerNormState lnp;

@@ -16,14 +16,20 @@ from .plan import Launch, latents_block, tile
 
 
 @triton.jit
+def modulation_scale(ch_frame, sp, tg, alpha, beta, gamma, cols, col_mask):
+    """alpha ch + beta sigmoid(s) + gamma tg + 1 - alpha for tokens x cols (SPEC.md step 8)."""
+    ch = tl.load(ch_frame + cols, mask=col_mask, other=0.0)
+    return alpha * ch[None, :] + beta * sp[:, None] + gamma * tg + 1.0 - alpha
+
+
+@triton.jit
 def _modulated(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta, gamma,
                rows, row_mask, cols, col_mask, C, K,
                KP: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr):
     """xm[rows, cols] in float32 (SPEC.md step 8); zero outside the masks."""
     x1 = x1_columns(x_frame, r_frame, probs, gate_av, rows, row_mask, cols, col_mask, C, K, KP,
                     DOT, INTERPRET)
-    ch = tl.load(ch_frame + cols, mask=col_mask, other=0.0)
-    scale = alpha * ch[None, :] + beta * sp[:, None] + gamma * tg + 1.0 - alpha
+    scale = modulation_scale(ch_frame, sp, tg, alpha, beta, gamma, cols, col_mask)
     return tl.where(row_mask[:, None] & col_mask[None, :], x1 * scale, 0.0)
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck_pass import _modulated, ln_before_statistics
+from .bottleneck_pass import _modulated, ln_before_statistics, modulation_scale
 from .common import matmul, prompt_probabilities, stable_sigmoid, x1_columns
 from .plan import Launch, latents_block, tile
 
@@ -89,8 +89,7 @@ def modulation_backward_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, tg_ptr, s_ptr,
             mask = row_mask[:, None] & local_mask[None, :]
             x1 = x1_columns(x_frame, r_frame, probs, gate_av, rows, row_mask, cols, local_mask, C, K, KP,
                             DOT, INTERPRET)
-            ch = tl.load(ch_frame + cols, mask=local_mask, other=0.0)
-            scale = alpha * ch[None, :] + beta * sp[:, None] + gamma * tg + 1.0 - alpha
+            scale = modulation_scale(ch_frame, sp, tg, alpha, beta, gamma, cols, local_mask)
             xm = x1 * scale
             dy = _down_projection_grad(dz_ptr, wd_ptr, f, rows, row_mask, group, local, local_mask, N, H,
                                        GROUPS, cg, BH, INTERPRET)
