@@ -33,6 +33,7 @@ try:
     import triton
 
     from .common import dot_dtype, interpreting
+    from .tiling import Shape, current_arch
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as error:  # the backend reports itself unavailable
     _IMPORT_ERROR = str(error)
@@ -66,8 +67,10 @@ class TritonBackend(Backend):
                                 problem.dims)
 
     def plan(self, frames: int, dims, dtype: torch.dtype, training: bool, use_ln_before: bool,
-             use_ln_post: bool, use_bn: bool):
-        return _plan(frames, dims, dtype, training and use_bn, use_ln_before, use_ln_post)
+             use_ln_post: bool, use_bn: bool, arch: Optional[int] = None):
+        """The launches of one forward call; `arch` defaults to sm_90 (H100/H200) off a GPU."""
+        return _plan(frames, dims, dtype, training and use_bn, use_ln_before, use_ln_post,
+                     90 if arch is None else arch)
 
     def forward(self, x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], hyper: Hyper,
                 training: bool) -> RawOutputs:
@@ -88,7 +91,7 @@ def _plan_guide(frames, dims):
                            dims.num_latents)
 
 
-def _plan(frames, dims, dtype, batch_stats, use_ln_before, use_ln_post):
+def _plan(frames, dims, dtype, batch_stats, use_ln_before, use_ln_post, arch):
     from .bottleneck_pass import bottleneck_pass_launch
     from .channel_pass import channel_pass_launch
     from .guide_pass import guide_pass_launches
@@ -96,22 +99,23 @@ def _plan(frames, dims, dtype, batch_stats, use_ln_before, use_ln_post):
     from .output_pass import output_pass_launch
     from .plan import Plan, guide_path_launch
 
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    N, C, H, G, K = dims.tokens, dims.dim, dims.hidden, dims.groups, dims.num_latents
+    itemsize = dtype.itemsize
+    N, C, K = dims.tokens, dims.dim, dims.num_latents
+    shape = Shape.of(dims)
     plan = Plan()
     guide = _plan_guide(frames, dims)
     plan.guide_order, plan.guide_flops = guide.order, guide.flops
     if guide.order == "rewritten":
-        for launch in guide_pass_launches(frames, N, dims.guide_tokens, dims.guide_dim, C, K, itemsize):
+        for launch in guide_pass_launches(frames, shape, dtype, arch):
             plan.add(launch)
     else:
         plan.add(guide_path_launch(guide.order, frames, N, dims.guide_tokens, dims.guide_dim, C, K,
                                    itemsize, guide.flops[guide.order]))
-    plan.add(channel_pass_launch(frames, N, C, K, itemsize))
-    plan.add(bottleneck_pass_launch(frames, N, C, K, H, G, itemsize, use_ln_before))
+    plan.add(channel_pass_launch(frames, shape, dtype, arch))
+    plan.add(bottleneck_pass_launch(frames, shape, dtype, arch, use_ln_before))
     if batch_stats:
-        plan.add(moments_pass_launch(frames, N, H, G, itemsize))
-    plan.add(output_pass_launch(frames, N, C, H, G, itemsize, use_ln_post))
+        plan.add(moments_pass_launch(frames, shape, dtype, arch))
+    plan.add(output_pass_launch(frames, shape, dtype, arch, use_ln_post))
     return plan
 
 
@@ -166,7 +170,7 @@ def _frame_state(x, g, p, hyper, training):
     batch_stats = training and use_bn
     dims = dims_from_params(p)
     plan = _plan(frames, dims, x.dtype, batch_stats, p["ln_before.weight"] is not None,
-                 p["ln_post.weight"] is not None)
+                 p["ln_post.weight"] is not None, current_arch())
     launches = {k.name: k for k in plan.launches}
     dot, interpret = dot_dtype(x.dtype), interpreting()
     # the small per-frame layers run in float32; the large weights stay in x's dtype

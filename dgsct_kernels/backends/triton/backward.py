@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...config import Hyper
+from ...config import Hyper, dims_from_params
 from ...guide_path import prompts_and_pooled_guide
 from .common import dot_dtype, interpreting
 from .modulation_backward_pass import modulation_backward_launch, run_modulation_backward
 from .output_backward_pass import output_backward_launch, run_output_backward
+from .tiling import Shape, current_arch
 
 _GUIDE_NAMES = ("conv_adapter.weight", "conv_adapter.bias", "fc.weight", "fc.bias", "my_tokens")
 
@@ -89,10 +90,9 @@ def backward(state, grads: Sequence[Tensor], x: Tensor, g: Tensor,
 
     # ---- tail: z -> o, fused up to du (output_backward_pass); then the up projection
     z = state.z
-    hidden_dim = z.shape[-1]
-    launch = output_backward_launch(frames, tokens, x.shape[-1], hidden_dim,
-                                    hidden_dim // params["up_sampler.weight"].shape[1],
-                                    x.element_size(), params["ln_post.weight"] is not None)
+    shape = Shape.of(dims_from_params(params))
+    arch = current_arch()
+    launch = output_backward_launch(frames, shape, x.dtype, arch, params["ln_post.weight"] is not None)
     d_up, tail_grads = run_output_backward(launch, grads[0], z, state.bn1_affine, state.bn2_affine,
                                            (mean2, var2) if use_bn else None, params, hyper,
                                            batch_stats, interpreting())
@@ -110,9 +110,7 @@ def backward(state, grads: Sequence[Tensor], x: Tensor, g: Tensor,
     # ---- front: the down projection, ln_before and the modulation, fused
     # (modulation_backward_pass); it writes x1, y and dx1, the operands of what follows
     prompts, ch, qa1, qa2, tg, s = state.prompts, state.ch, state.qa1, state.qa2, state.tg, state.s
-    launch = modulation_backward_launch(frames, tokens, x.shape[-1], prompts.shape[1], hidden_dim,
-                                        x.shape[-1] // params["down_sampler.weight"].shape[1],
-                                        x.element_size(), params["ln_before.weight"] is not None)
+    launch = modulation_backward_launch(frames, shape, x.dtype, arch, params["ln_before.weight"] is not None)
     x1, y, d_x1, scale_row_sums, scale_frame_sums, d_ln_weight, d_ln_bias = run_modulation_backward(
         launch, x.contiguous(), prompts, ch, tg, s, d_z, params, hyper, dot_dtype(x.dtype), interpreting())
     out["down_sampler.weight"] = _grouped_weight_grad(d_z, y, p["down_sampler.weight"])

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from .common import matmul, prompt_probabilities, stable_sigmoid, x1_columns, x1_times_weight
-from .plan import Launch, latents_block, tile
+from .plan import Launch
+from .tiling import Shape, latents_block, tiles
 
 
 @triton.jit
@@ -132,14 +133,16 @@ def bottleneck_pass_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, qa2_ptr, tg_ptr,
         tl.store(zm2_ptr + stat, tl.sum(centred * centred, 0), mask=hidden_mask)
 
 
-def bottleneck_pass_launch(frames, tokens, dim, latents, hidden, groups, itemsize, use_ln) -> Launch:
-    bn, bk, bo = tile(tokens, 16, 32), tile(dim, 16, 64), tile(dim // 2, 16, 64)
-    bh = tile(hidden // groups, 16, 256)
+def bottleneck_pass_launch(frames, shape: Shape, dtype, arch, use_ln) -> Launch:
+    tokens, dim, latents, hidden, groups = shape.tokens, shape.dim, shape.latents, shape.hidden, shape.groups
+    itemsize = dtype.itemsize
+    chosen = tiles("bottleneck_pass", shape, dtype, arch)
+    bn, bo = chosen["BN"], chosen["BO"]
     token_blocks = triton.cdiv(tokens, bn)
     x_sweeps = 1 + triton.cdiv(dim // 2, bo) + (2 if use_ln else 0) + 1  # probs, s, LN, down
     weights = (dim // 2 * dim + hidden * dim // groups + 4 * dim) * itemsize
     return Launch(
-        name="bottleneck_pass", grid=(frames, token_blocks), tiles={"BN": bn, "BK": bk, "BO": bo, "BH": bh},
+        name="bottleneck_pass", grid=(frames, token_blocks), tiles=chosen,
         bytes_read=frames * tokens * dim * itemsize + weights
         + frames * (latents + 2) * dim * 4,  # x, weights, R, ch and qa2 (float32)
         reread_factor=x_sweeps,  # each program sweeps its own x tile this many times

@@ -8,7 +8,8 @@ import triton
 import triton.language as tl
 
 from .common import prompt_probabilities, x1_times_weight
-from .plan import Launch, latents_block, tile
+from .plan import Launch
+from .tiling import Shape, latents_block, tiles
 
 
 @triton.jit
@@ -37,12 +38,14 @@ def channel_pass_kernel(x_ptr, r_ptr, gate_av_ptr, w_ptr, b_ptr, qa1_ptr, partia
     tl.store(partial_ptr + (f * token_blocks + nb) * C + outs, partial, mask=out_mask)
 
 
-def channel_pass_launch(frames, tokens, dim, latents, itemsize) -> Launch:
-    bn, bk, bo = tile(tokens, 16, 64), tile(dim, 16, 64), tile(dim, 16, 64)
+def channel_pass_launch(frames, shape: Shape, dtype, arch) -> Launch:
+    tokens, dim, latents, itemsize = shape.tokens, shape.dim, shape.latents, dtype.itemsize
+    chosen = tiles("channel_pass", shape, dtype, arch)
+    bn, bo = chosen["BN"], chosen["BO"]
     token_blocks, out_blocks = triton.cdiv(tokens, bn), triton.cdiv(dim, bo)
     return Launch(
         name="channel_pass", grid=(frames, token_blocks, out_blocks),
-        tiles={"BN": bn, "BK": bk, "BO": bo},
+        tiles=chosen,
         bytes_read=(frames * tokens * dim + dim * dim + dim) * itemsize  # x, W_video_1, b
         + frames * (latents + 1) * dim * 4,  # R and qa1 (float32)
         writes={"joint_partials": ((frames, token_blocks, dim), 4)},

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .common import matmul
-from .plan import Launch, latents_block, tile
+from .plan import Launch
+from .tiling import Shape, latents_block, tiles
 
 
 @triton.jit
@@ -116,25 +117,26 @@ def apply_kernel(s_ptr, wtok_ptr, btok_ptr, g_ptr, applied_ptr, attn_bias_ptr, N
                  mask=k_mask[:, None] & d_mask[None, :])
 
 
-def guide_pass_launches(frames, tokens, guide_tokens, guide_dim, dim, latents, itemsize) -> list[Launch]:
-    F, N, M, D, K = frames, tokens, guide_tokens, guide_dim, latents
-    bm_scores, bd = tile(M, 16, 64), tile(D, 16, 64)
-    bn, bm_logits = tile(N, 16, 64), tile(M, 16, 64)
-    bm_apply = tile(M, 16, 128)
+def guide_pass_launches(frames, shape: Shape, dtype, arch) -> list[Launch]:
+    F, N, M, D, K = frames, shape.tokens, shape.guide_tokens, shape.guide_dim, shape.latents
+    dim, itemsize = shape.dim, dtype.itemsize
+    scores_tiles, logits_tiles, apply_tiles = (tiles(name, shape, dtype, arch)
+                                               for name in ("guide_scores", "guide_logits", "guide_apply"))
+    bm_scores, bn, bm_apply = scores_tiles["BM"], logits_tiles["BN"], apply_tiles["BM"]
     m_blocks_scores, m_blocks_apply = triton.cdiv(M, bm_scores), triton.cdiv(M, bm_apply)
     f32 = 4
     g_bytes, wtok_bytes = F * M * D * itemsize, N * M * itemsize
     sg_bytes, s_bytes = F * K * M * f32, F * K * N * f32  # read back by the next kernel
     return [
-        Launch("guide_scores", (F, m_blocks_scores), {"BM": bm_scores, "BD": bd},
+        Launch("guide_scores", (F, m_blocks_scores), scores_tiles,
                bytes_read=g_bytes + M * f32 + K * D * f32,
                writes={"Sg": ((F, K, M), f32), "pooled_partials": ((F, m_blocks_scores, D), f32)},
                flops=2 * F * K * M * D,
                host_read=F * m_blocks_scores * D * f32),
-        Launch("guide_logits", (F, triton.cdiv(N, bn)), {"BN": bn, "BM": bm_logits},
+        Launch("guide_logits", (F, triton.cdiv(N, bn)), logits_tiles,
                bytes_read=sg_bytes + wtok_bytes + N * itemsize, writes={"S": ((F, K, N), f32)},
                flops=2 * F * K * M * N),
-        Launch("guide_apply", (F, m_blocks_apply), {"BN": bn, "BM": bm_apply, "BD": bd},
+        Launch("guide_apply", (F, m_blocks_apply), apply_tiles,
                bytes_read=s_bytes + wtok_bytes + g_bytes + N * itemsize,
                writes={"applied_partials": ((F, m_blocks_apply, K, D), f32), "A_btok": ((F, K), f32)},
                # plus the host's [K, D] x Wfc^T finish

@@ -17,7 +17,8 @@ import triton.language as tl
 
 from .bottleneck_pass import _modulated, ln_before_statistics, modulation_scale
 from .common import matmul, prompt_probabilities, stable_sigmoid, x1_columns
-from .plan import Launch, latents_block, tile
+from .plan import Launch
+from .tiling import Shape, latents_block, tiles
 
 SUMS = 3  # per-channel sums: d scale, d y * y_hat (ln_before weight), d y (ln_before bias)
 
@@ -117,12 +118,15 @@ def modulation_backward_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, tg_ptr, s_ptr,
     tl.store(row_sum_ptr + f * N + rows, row_sum, mask=row_mask)
 
 
-def modulation_backward_launch(frames, tokens, dim, latents, hidden, groups, itemsize, use_ln) -> Launch:
-    bn, bk, bh = tile(tokens, 16, 32), tile(dim // groups, 16, 64), tile(hidden // groups, 16, 256)
+def modulation_backward_launch(frames, shape: Shape, dtype, arch, use_ln) -> Launch:
+    tokens, dim, latents, hidden, groups = shape.tokens, shape.dim, shape.latents, shape.hidden, shape.groups
+    itemsize = dtype.itemsize
+    chosen = tiles("modulation_backward", shape, dtype, arch)
+    bn = chosen["BN"]
     token_blocks = triton.cdiv(tokens, bn)
     x_sweeps = 1 + (3 if use_ln else 0) + 1  # probs, LN statistics and sums, the written sweep
     return Launch(
-        name="modulation_backward", grid=(frames, token_blocks), tiles={"BN": bn, "BK": bk, "BH": bh},
+        name="modulation_backward", grid=(frames, token_blocks), tiles=chosen,
         bytes_read=frames * tokens * (dim * itemsize + hidden * 4) + hidden * dim // groups * itemsize
         + frames * (latents + 1) * dim * 4,  # x, dz, W_down, R and ch
         reread_factor=x_sweeps,

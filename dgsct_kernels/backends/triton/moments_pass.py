@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from .common import matmul
-from .plan import Launch, tile
+from .plan import Launch
+from .tiling import Shape, tiles
 
 
 @triton.jit
@@ -42,9 +43,11 @@ def moments_pass_kernel(z_ptr, scale_ptr, shift_ptr, sum_ptr, m2_ptr, N, H, GROU
     tl.store(m2_ptr + (base + hidden)[:, None] * BH + hidden[None, :], centred, mask=pair_mask)
 
 
-def moments_pass_launch(frames, tokens, hidden, groups, itemsize) -> Launch:
-    bn, bh = tile(tokens, 16, 64), tile(hidden // groups, 16, 256)
-    return Launch(name="moments_pass", grid=(frames, groups), tiles={"BN": bn, "BH": bh}, reread_factor=1,
+def moments_pass_launch(frames, shape: Shape, dtype, arch) -> Launch:
+    tokens, hidden, groups = shape.tokens, shape.hidden, shape.groups
+    chosen = tiles("moments_pass", shape, dtype, arch)
+    bh = chosen["BH"]
+    return Launch(name="moments_pass", grid=(frames, groups), tiles=chosen, reread_factor=1,
                   bytes_read=frames * tokens * hidden * 4,  # z is float32
                   writes={"h_sums": ((frames, groups, bh), 4), "h_moments": ((frames, groups, bh, bh), 4)},
                   host_read=frames * groups * (bh + bh * bh) * 4,

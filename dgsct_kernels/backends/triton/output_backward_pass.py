@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from .output_pass import bn2_output, ln_post_statistics, up_projection
-from .plan import Launch, tile
+from .plan import Launch
+from .tiling import Shape, tiles
 
 SUMS = 5  # per-channel sums: d bn2 out, d bn2 out * u_hat, d ln_post out * normed, d ln_post out, gate
 
@@ -99,11 +100,13 @@ def output_backward_kernel(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, sh
                 tl.store(du_ptr + (f * N + rows)[:, None] * C + outs[None, :], d_u, mask=mask)
 
 
-def output_backward_launch(frames, tokens, dim, hidden, groups, itemsize, use_ln) -> Launch:
-    bn, bo, bh = tile(tokens, 16, 32), tile(dim // groups, 16, 64), tile(hidden // groups, 16, 256)
+def output_backward_launch(frames, shape: Shape, dtype, arch, use_ln) -> Launch:
+    tokens, dim, hidden, groups, itemsize = shape.tokens, shape.dim, shape.hidden, shape.groups, dtype.itemsize
+    chosen = tiles("output_backward", shape, dtype, arch)
+    bn = chosen["BN"]
     token_blocks = triton.cdiv(tokens, bn)
     sweeps = 4 if use_ln else 1
-    return Launch(name="output_backward", grid=(frames, token_blocks), tiles={"BN": bn, "BO": bo, "BH": bh},
+    return Launch(name="output_backward", grid=(frames, token_blocks), tiles=chosen,
                   bytes_read=frames * tokens * (hidden * 4 + dim * itemsize) + dim * (hidden // groups + 8) * 4,
                   reread_factor=sweeps,
                   writes={"du": ((frames, tokens, dim), 4), "sums": ((frames, token_blocks, SUMS, dim), 4)},

@@ -8,7 +8,8 @@ import triton
 import triton.language as tl
 
 from .common import matmul
-from .plan import Launch, tile
+from .plan import Launch
+from .tiling import Shape, tiles
 
 
 @triton.jit
@@ -100,11 +101,13 @@ def output_pass_kernel(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2
                      mask=row_mask[:, None] & local_mask[None, :])
 
 
-def output_pass_launch(frames, tokens, dim, hidden, groups, itemsize, use_ln) -> Launch:
-    bn, bo, bh = tile(tokens, 16, 32), tile(dim // groups, 16, 64), tile(hidden // groups, 16, 256)
+def output_pass_launch(frames, shape: Shape, dtype, arch, use_ln) -> Launch:
+    tokens, dim, hidden, groups, itemsize = shape.tokens, shape.dim, shape.hidden, shape.groups, dtype.itemsize
+    chosen = tiles("output_pass", shape, dtype, arch)
+    bn, bo = chosen["BN"], chosen["BO"]
     token_blocks = triton.cdiv(tokens, bn)
     sweeps = 3 if use_ln else 1
-    return Launch(name="output_pass", grid=(frames, token_blocks), tiles={"BN": bn, "BO": bo, "BH": bh},
+    return Launch(name="output_pass", grid=(frames, token_blocks), tiles=chosen,
                   bytes_read=frames * tokens * hidden * 4 + dim * (hidden // groups + 4) * itemsize,
                   reread_factor=sweeps * triton.cdiv(dim // groups, bo),  # z tile per output block
                   writes={"o": ((frames, tokens, dim), itemsize)},

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import triton
 
 
 @dataclass(frozen=True)
@@ -62,15 +61,6 @@ class Plan:
         rows.append(f"{'total':<19} {len(self.launches):>14} {self.bytes_moved / 1e6:>29.2f} MB "
                     f"{self.flops / 1e9:>8.3f}   guide path: {self.guide_order}")
         return "\n".join(rows)
-
-
-def tile(extent: int, low: int, high: int) -> int:
-    """A power-of-two block size for `extent`, within [low, high] (tl.dot needs >= 16)."""
-    return min(high, max(low, triton.next_power_of_2(extent)))
-
-
-def latents_block(latents: int) -> int:
-    return max(16, triton.next_power_of_2(latents))
 
 
 def guide_path_launch(order: str, frames: int, tokens: int, guide_tokens: int, guide_dim: int,
