@@ -76,6 +76,11 @@ class Backend(abc.ABC):
         """Why `auto` should not pick this backend although it can run (it may be forced)."""
         return []
 
+    def roofline_works(self, problem: Problem) -> Optional[list]:
+        """The forward's kernels as roofline `Work` (roofline.py), for auto's estimate between
+        GPU backends that have not been measured; None when the backend has no cost model."""
+        return None
+
     def supports(self, problem: Problem) -> bool:
         return not self.not_supported_reasons(problem)
 

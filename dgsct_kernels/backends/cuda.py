@@ -17,12 +17,15 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import Problem, register
+from ..guide_path import guide_path_bytes, plan_guide_path
 from ..measured import gpu_auto_reasons
+from ..roofline import Work
 from .compiled import CompiledBackend, missing_kernels_reason
 
 # A thread block holds a tile of tokens in shared memory; one token needs
 # (C + K + C/2 + H + 1) floats, and every sm_80+ device gives a block at least 48 KiB.
 _SHARED_FLOATS = 48 * 1024 // 4
+_KERNEL_SHARED_BYTES = 96 * 1024  # what the launcher asks for at most (kernels.cu, kMaxSharedBytes)
 _UNAVAILABLE = missing_kernels_reason("CUDA")
 
 
@@ -46,9 +49,40 @@ class CudaBackend(CompiledBackend):
         return []
 
     def auto_reasons(self, problem: Problem) -> list[str]:
-        # auto chooses between the GPU backends by measured speed only (measured.py)
-        return gpu_auto_reasons(self.name, problem.device_type, problem.dtype, problem.training,
-                                problem.dims)
+        # on GPUs: measured speed, else the roofline estimate among compile-clean backends (measured.py)
+        return gpu_auto_reasons(self.name, problem)
+
+    def roofline_works(self, problem: Problem) -> list[Work]:
+        return forward_works(problem.frames, problem.dims, problem.dtype, problem.training and problem.use_bn)
+
+
+def forward_works(frames: int, dims, dtype: torch.dtype, batch_stats: bool) -> list[Work]:
+    """The forward's kernels as roofline work. The guide path is ATen in float32 (CUDA-core
+    FMA in cuBLAS unless TF32 is allowed); the four tile kernels multiply on tensor cores
+    as 3xTF32 for every dtype (their tiles are float32 in shared memory). Weights are read
+    through L2 once per call; x is read by two kernels, z written once and read once or twice."""
+    F, N, C, K, H, G = frames, dims.tokens, dims.dim, dims.num_latents, dims.hidden, dims.groups
+    guide = plan_guide_path(F, N, dims.guide_tokens, dims.guide_dim, C, K)
+    itemsize, f32 = dtype.itemsize, 4
+    per_token = C + K + C // 2 + H + 1
+    rows = max(1, min(64, _KERNEL_SHARED_BYTES // (4 * per_token)))
+    tiles = F * -(-N // rows)
+    x_bytes, z_bytes = F * N * C * itemsize, F * N * H * f32
+    prompts = F * (K + 1) * C * f32  # R and a per frame
+    x1_flops = 4 * F * N * C * K  # x R^T and P R, recomputed by both token kernels
+    works = [
+        Work("guide_path (aten)", guide_path_bytes(guide.order, F, N, dims.guide_tokens, dims.guide_dim, C, K,
+                                                  itemsize), fma_flops=guide.flops[guide.order]),
+        Work("channel", x_bytes + prompts + C * C * f32 + tiles * C * f32,
+             split_flops=x1_flops + 2 * F * N * C * C),
+        Work("bottleneck", x_bytes + prompts + (C * C // 2 + C * H // G) * f32 + F * N * f32 + z_bytes,
+             split_flops=x1_flops + 2 * F * N * C * (C // 2) + 2 * F * N * C * H // G),
+    ]
+    if batch_stats:
+        works.append(Work("moments", z_bytes + tiles * 2 * C * 8, split_flops=2 * F * N * H // G * C))
+    works.append(Work("output", z_bytes + F * N * C * itemsize + C * H // G * f32,
+                      split_flops=2 * F * N * H // G * C))
+    return works
 
 
 register(CudaBackend())

@@ -62,9 +62,13 @@ class TritonBackend(Backend):
     def auto_reasons(self, problem: Problem) -> list[str]:
         if problem.device_type == "cpu":
             return ["the CPU runs Triton only through its interpreter, for tests"]
-        # on GPUs auto chooses between the GPU backends by measured speed only (measured.py)
-        return gpu_auto_reasons(self.name, problem.device_type, problem.dtype, problem.training,
-                                problem.dims)
+        # on GPUs: measured speed, else the roofline estimate among compile-clean backends (measured.py)
+        return gpu_auto_reasons(self.name, problem)
+
+    def roofline_works(self, problem: Problem):
+        plan = self.plan(problem.frames, problem.dims, problem.dtype, problem.training, True, True,
+                         problem.use_bn)
+        return [launch.work(problem.dtype) for launch in plan.launches]
 
     def plan(self, frames: int, dims, dtype: torch.dtype, training: bool, use_ln_before: bool,
              use_ln_post: bool, use_bn: bool, arch: Optional[int] = None):

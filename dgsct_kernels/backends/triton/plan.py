@@ -12,6 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
+from ...roofline import Work
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,16 @@ class Launch:
     flops: int
     reread_factor: int = 1  # how often a program re-reads its own tile (cache traffic)
     host_read: int = 0  # bytes of its outputs that PyTorch reads back (partials, s)
+    # of `flops`: the part whose operands are float32 (3xTF32 on tensor cores) when the
+    # input is bf16/fp16 (for float32 inputs every product is); and FLOPs with no tensor core
+    split_flops: int = 0
+    fma_flops: int = 0
+
+    def work(self, dtype) -> Work:
+        """This launch as roofline work (dgsct_kernels/roofline.py) for inputs of `dtype`."""
+        tensor = self.flops - self.fma_flops
+        split = tensor if dtype == torch.float32 else self.split_flops
+        return Work(self.name, self.bytes_moved, tensor - split, split, self.fma_flops)
 
     @property
     def bytes_written(self) -> int:
@@ -68,5 +81,6 @@ def guide_path_launch(order: str, frames: int, tokens: int, guide_tokens: int, g
     """The guide path's PyTorch products in float32, as one record (several kernels)."""
     from ...guide_path import guide_path_bytes
     moved = guide_path_bytes(order, frames, tokens, guide_tokens, guide_dim, dim, latents, itemsize)
+    # PyTorch float32 matmuls: CUDA-core FMA unless the user allows TF32
     return Launch(name="guide_path (torch)", grid=(), tiles={}, bytes_read=moved, writes={},
-                  flops=flops)
+                  flops=flops, fma_flops=flops)
