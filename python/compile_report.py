@@ -16,7 +16,10 @@ CUDA: csrc/cuda/kernels.cu compiled by nvcc with `-Xptxas -v` for the same archi
 Writes report.csv and report.json (one row per distinct compiled kernel variant) and
 prints a table. Exits 1 on any compile error, any spill or stack frame, shared memory over
 the architecture's per-block limit, or a kernel with matrix products (tl.dot; every CUDA
-kernel) that has no tensor-core instruction.
+kernel) that has no tensor-core instruction. A full run (no --subset, every shape, dtype,
+mode and option set) also writes dgsct_kernels/compile_status.json: per backend, the
+architectures where all its kernels are clean, which `auto` reads on GPUs that have no
+measured winner yet (dgsct_kernels/measured.py).
 """
 from __future__ import annotations
 
@@ -41,9 +44,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # kernels defined under the interpreter never compile
-    raise SystemExit("compile_report: unset TRITON_INTERPRET; the report compiles real GPU code")
-
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -56,6 +56,7 @@ from dgsct_kernels import FusedDGSCT  # noqa: E402
 from dgsct_kernels.backends.triton import TritonBackend  # noqa: E402
 from dgsct_kernels.backends.triton.tiling import ARCHS, SHARED_LIMIT  # noqa: E402
 from dgsct_kernels.config import OP_PARAM_NAMES  # noqa: E402
+from dgsct_kernels.measured import STATUS_PATH  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPTION_SETS = {  # FusedDGSCT keyword arguments
@@ -139,10 +140,12 @@ class CompileOnlyDriver:
 @contextlib.contextmanager
 def compile_only(arch: int, on_compile):
     """Within: every Triton launch compiles for `arch` and calls on_compile(fn, kernel,
-    seconds, ptxas_log) instead of running."""
+    seconds, ptxas_log) instead of running. Triton's on-disk cache is a fresh folder
+    meanwhile, so every variant really runs ptxas (whose log the report reads)."""
     from triton import knobs
 
-    previous_run, previous_dump = JITFunction.run, knobs.nvidia.dump_ptxas_log
+    previous_run, previous_dump, previous_cache = JITFunction.run, knobs.nvidia.dump_ptxas_log, knobs.cache.dir
+    cache = tempfile.TemporaryDirectory(prefix="dgsct-compile-report-")
     previous_driver = triton_driver._active  # None until a driver was needed; no GPU driver exists here
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -154,11 +157,12 @@ def compile_only(arch: int, on_compile):
         return kernel
 
     triton_driver.set_active(CompileOnlyDriver(arch))
-    JITFunction.run, knobs.nvidia.dump_ptxas_log = run, True
+    JITFunction.run, knobs.nvidia.dump_ptxas_log, knobs.cache.dir = run, True, cache.name
     try:
         yield
     finally:
-        JITFunction.run, knobs.nvidia.dump_ptxas_log = previous_run, previous_dump
+        JITFunction.run, knobs.nvidia.dump_ptxas_log, knobs.cache.dir = previous_run, previous_dump, previous_cache
+        cache.cleanup()
         triton_driver._active = previous_driver
 
 
@@ -360,6 +364,17 @@ def write_outputs(rows: list[Row], folder: Path, settings: dict) -> None:
         print_table(rows, handle)
 
 
+def write_status(rows: list[Row], archs: list[int], settings: dict) -> None:
+    """Per backend, the architectures where every one of its kernel variants is clean."""
+    backend_of = {"triton": "triton", "nvcc": "cuda"}
+    clean = {backend: [a for a in archs if not any(r.problems for r in rows if r.arch == a and r.compiler == compiler)]
+             for compiler, backend in backend_of.items()}
+    status = {"written_by": "python python/compile_report.py (full run)", "date": settings["date"],
+              "triton": settings["triton"], "nvcc": settings["nvcc"], "clean": clean}
+    STATUS_PATH.write_text(json.dumps(status, indent=1) + "\n")
+    print(f"clean architectures per backend (for auto): {clean}; written to {STATUS_PATH}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subset", choices=sorted(SUBSETS), help="a preset selection (ci: what CI runs)")
@@ -374,6 +389,8 @@ def main(argv=None) -> int:
                         help="folder for report.csv/json/txt (default benchmarks/out/<date>-compile-report)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # kernels defined under the interpreter never compile
+        parser.error("TRITON_INTERPRET=1 is set; unset it, the report compiles real GPU code")
 
     chosen = dict(shapes=args.shapes.split(","), dtypes=args.dtypes.split(","), modes=args.modes.split(","),
                   options=args.options.split(","), archs=[int(a) for a in args.archs.split(",")])
@@ -388,25 +405,17 @@ def main(argv=None) -> int:
     tools = find_tools()
     started = time.perf_counter()
     rows: list[Row] = []
-    # a fresh Triton cache, so every variant really runs ptxas (whose log the report reads)
-    with tempfile.TemporaryDirectory() as cache:
-        from triton import knobs
-        previous_cache = knobs.cache.dir
-        knobs.cache.dir = cache
-        try:
-            for arch in chosen["archs"]:
-                if not args.no_triton:
-                    log(f"triton sm_{arch}:")
-                    rows += triton_rows(arch, [SHAPES[s] for s in chosen["shapes"]], chosen["dtypes"],
-                                        chosen["modes"], chosen["options"], tools, log)
-                if not args.no_cuda:
-                    if tools.nvcc is None:
-                        rows.append(Row(compiler="nvcc", arch=arch, kernel="kernels.cu", variant="", dtype="",
-                                        shared_limit=SHARED_LIMIT[arch], error="nvcc not found on PATH"))
-                    else:
-                        rows += cuda_rows(arch, tools, log)
-        finally:
-            knobs.cache.dir = previous_cache
+    for arch in chosen["archs"]:
+        if not args.no_triton:
+            log(f"triton sm_{arch}:")
+            rows += triton_rows(arch, [SHAPES[s] for s in chosen["shapes"]], chosen["dtypes"], chosen["modes"],
+                                chosen["options"], tools, log)
+        if not args.no_cuda:
+            if tools.nvcc is None:
+                rows.append(Row(compiler="nvcc", arch=arch, kernel="kernels.cu", variant="", dtype="",
+                                shared_limit=SHARED_LIMIT[arch], error="nvcc not found on PATH"))
+            else:
+                rows += cuda_rows(arch, tools, log)
     elapsed = time.perf_counter() - started
     settings = dict(chosen, subset=args.subset, frames=FRAMES, seconds=round(elapsed, 1), date=str(date.today()),
                     triton=triton.__version__, torch=torch.__version__, python=platform.python_version(),
@@ -416,6 +425,10 @@ def main(argv=None) -> int:
     write_outputs(rows, out, settings)
     print_table(rows)
     bad = [r for r in rows if r.problems]
+    full = not args.subset and all(getattr(args, key) == parser.get_default(key)
+                                   for key in ("archs", "shapes", "dtypes", "modes", "options"))
+    if full and not (args.no_triton or args.no_cuda):
+        write_status(rows, chosen["archs"], settings)
     print(f"\n{len(rows)} kernel variants, {len(bad)} with problems; {elapsed:.0f} s; written to {out}")
     return 1 if bad else 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -154,12 +155,53 @@ def test_gpu_winners_feed_auto(tmp_path, monkeypatch):
     monkeypatch.setattr(measured, "load_table", lambda: read(table))
     monkeypatch.setattr(measured, "current_cuda_device_name", lambda: "GPU X")
     dims = Dims(tokens=36, dim=1536, guide_tokens=64, guide_dim=768, num_latents=32, hidden=192, groups=2)
-    assert measured.gpu_auto_reasons("triton", "cuda", torch.bfloat16, True, dims) == []
-    assert "slower than 'triton'" in measured.gpu_auto_reasons("cuda", "cuda", torch.bfloat16, True, dims)[0]
-    assert measured.gpu_auto_reasons("cuda", "cuda", torch.bfloat16, False, dims) == []
-    assert "not yet measured on GPU X" in measured.gpu_auto_reasons("cuda", "cuda", torch.float16, False, dims)[0]
+
+    def reasons(backend, dtype, training, d=dims):
+        return measured.gpu_auto_reasons(backend, dispatch.Problem("cuda", dtype, d, 80, training, True))
+
+    monkeypatch.setattr(measured, "current_cuda_arch", lambda: 90)
+    monkeypatch.setattr(measured, "load_compile_status", lambda: {})  # no estimate possible
+    assert reasons("triton", torch.bfloat16, True) == []
+    assert "slower than 'triton'" in reasons("cuda", torch.bfloat16, True)[0]
+    assert reasons("cuda", torch.bfloat16, False) == []
+    assert "not yet measured on GPU X" in reasons("cuda", torch.float16, False)[0]
     other = Dims(tokens=37, dim=1536, guide_tokens=64, guide_dim=768, num_latents=32, hidden=192, groups=2)
-    assert "not yet measured" in measured.gpu_auto_reasons("triton", "cuda", torch.bfloat16, True, other)[0]
+    assert "not yet measured" in reasons("triton", torch.bfloat16, True, other)[0]
+
+
+def test_unmeasured_gpu_calls_go_to_the_lower_roofline_among_compile_clean_backends(monkeypatch, caplog):
+    from dgsct_kernels import measured
+    from dgsct_kernels.config import Dims
+
+    monkeypatch.setattr(measured, "load_table", lambda: {})
+    monkeypatch.setattr(measured, "current_cuda_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(measured, "current_cuda_arch", lambda: 90)
+    # both backends must be runnable for the estimate to compare them (a build without CUDA kernels
+    # leaves cuda out, which this test also covers through the clean-list cases)
+    for backend in (dispatch.get_backend("triton"), dispatch.get_backend("cuda")):
+        monkeypatch.setattr(backend, "not_supported_reasons", lambda problem: [])
+    dims = Dims(tokens=2304, dim=192, guide_tokens=4096, guide_dim=96, num_latents=32, hidden=24, groups=2)
+    problem = dispatch.Problem("cuda", torch.bfloat16, dims, 80, True, True)
+
+    def choose(status):
+        monkeypatch.setattr(measured, "load_compile_status", lambda: status)
+        measured.estimated_winner.cache_clear()
+        return {name: measured.gpu_auto_reasons(name, problem) for name in ("triton", "cuda")}
+
+    nothing_clean = choose({})
+    assert all("no GPU backend passed the compile report for sm_90" in r[0] for r in nothing_clean.values())
+    only_cuda = choose({"cuda": frozenset({90})})
+    assert only_cuda["cuda"] == [] and "not in the compile report's clean list" in only_cuda["triton"][0]
+    wrong_arch = choose({"cuda": frozenset({80}), "triton": frozenset({80})})
+    assert all(r for r in wrong_arch.values())
+    with caplog.at_level(logging.INFO, logger="dgsct_kernels"):
+        both = choose({"cuda": frozenset({90}), "triton": frozenset({90})})
+    winner, floors = measured.estimated_winner(problem, 90, "NVIDIA H100 80GB HBM3")
+    assert set(floors) == {"triton", "cuda"} and floors[winner] == min(floors.values())
+    assert both[winner] == [] and "roofline estimate" in both[next(n for n in floors if n != winner)][0]
+    assert "is a roofline estimate of the forward" in caplog.text
+    # sm_89 devices are covered by the sm_89 report, sm_86 too (same shared-memory limit)
+    assert measured.checked_arch(86) == 89 and measured.checked_arch(75) is None
 
 
 def test_committed_winners_table_is_well_formed():
