@@ -2,7 +2,9 @@
 # The GPU suite in one call, for a CUDA machine with torch and triton installed and no
 # network: build the extension, run the GPU tests, run the benchmark at the AVE shapes.
 # The benchmark also writes winners.json: the fastest GPU backend per shape and mode, the
-# rows to review and copy into dgsct_kernels/measured_winners.json for `auto`.
+# rows to review and copy into dgsct_kernels/measured_winners.json for `auto`; its eval
+# rows for triton and cuda carry the roofline floor and the measured time over it
+# (roofline_ms, vs_roofline), which compares the plan's estimate with the GPU.
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR
 # Environment: DGSCT_CUDA_ARCHS (default 90a), COMPILE_MODE (default max-autotune),
 # SHAPES (default all), FRAMES (default 80), TEST_BUDGET_S (240), SUITE_BUDGET_S (480).

@@ -12,6 +12,9 @@ Modes: `eval-fwd` (eval, no grad) and `train-fwd+bwd` (training forward, then th
 of all three outputs w.r.t. x, g and every parameter). For fwd+bwd it also counts the bytes
 autograd keeps for the backward. Each contender's outputs must match eager's before its time
 counts. Results go to stdout (a table) and to --out: results.csv, results.json, results.png.
+On a GPU, eval rows of the GPU backends also carry `roofline_ms`, the forward's floor from
+its bytes and FLOPs at the H100/H200 peak figures (dgsct_kernels/roofline.py), and
+`vs_roofline`, the measured time over that floor ("x roofline" in the table).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ import dgsct_kernels
 from dgsct_kernels import dispatch
 from dgsct_kernels.config import OP_PARAM_NAMES
 from dgsct_kernels.reference import reference_forward
+from dgsct_kernels.roofline import peaks_for, total_seconds
 from shapes import GROUPS, NUM_LATENTS, REDUCTION, SEGMENTS, Shape, cost, select_shapes
 
 MODES = ("eval-fwd", "train-fwd+bwd")
@@ -50,7 +54,7 @@ OUTPUT_NAMES = ("residual", "spatial_map", "temporal_gate")
 COLUMNS = ("device", "device_name", "torch", "triton", "date", "backend", "shape", "N", "C", "M",
            "D", "F", "dtype", "mode", "median_ms", "p10_ms", "p90_ms", "repeats",
            "speedup_vs_eager", "saved_bytes", "saved_over_x", "saved_activation_bytes",
-           "floor_bytes", "plan_bytes", "achieved_gbps", "vs_bandwidth_floor")
+           "floor_bytes", "plan_bytes", "achieved_gbps", "vs_bandwidth_floor", "roofline_ms", "vs_roofline")
 
 Outputs = tuple[Tensor, Tensor, Tensor]  # residual [F, N, C], spatial_map [F, N], temporal_gate [F]
 
@@ -295,6 +299,17 @@ def plan_bytes(backend_name: str, shape: Shape, frames: int, dtype: torch.dtype,
     return backend.plan(frames, shape.dims(), dtype, training, True, True, True).bytes_moved
 
 
+def roofline_ms(backend_name: str, shape: Shape, frames: int, dtype: torch.dtype, device: torch.device,
+                device_name: str) -> Optional[float]:
+    """The eval forward's roofline floor (dgsct_kernels/roofline.py) on this GPU, for GPU
+    backends with a cost model; None on CPUs and for the others."""
+    if device.type != "cuda" or backend_name not in dispatch.backend_names()[1:]:
+        return None
+    problem = dispatch.Problem("cuda", dtype, shape.dims(), frames, False, True)
+    works = dispatch.get_backend(backend_name).roofline_works(problem)
+    return None if not works else total_seconds(works, peaks_for(device_name)) * 1e3
+
+
 def time_ms(step: Callable[[], None], warmup: int, repeats: int,
             device: torch.device) -> list[float]:
     for _ in range(warmup):
@@ -386,6 +401,8 @@ def run_case(shape: Shape, mode: str, args: argparse.Namespace, env: dict,
         eager_ms = rows[0]["median_ms"] if rows else median
         floor = cost(shape, F, x.element_size()).floor_bytes
         planned = None if training else plan_bytes(contender.name, shape, F, args.dtype, training)
+        floor_ms = None if training else roofline_ms(contender.name, shape, F, args.dtype, args.device,
+                                                     env["device_name"])
         rows.append({
             **{k: env[k] for k in ("device", "device_name", "torch", "triton", "date")},
             "backend": contender.name, "shape": shape.label, "N": shape.tokens, "C": shape.dim,
@@ -398,6 +415,7 @@ def run_case(shape: Shape, mode: str, args: argparse.Namespace, env: dict,
             "floor_bytes": floor, "plan_bytes": planned,
             "achieved_gbps": None if planned is None else planned / (median * 1e-3) / 1e9,
             "vs_bandwidth_floor": None if training else median / (floor / (env["copy_gbps"] * 1e9) * 1e3),
+            "roofline_ms": floor_ms, "vs_roofline": None if floor_ms is None else median / floor_ms,
         })
         progress(f"{step_label} {shape.label} {mode} {contender.name}: median {median:.2f} ms "
                  f"(p10 {p10:.2f}, p90 {p90:.2f}); first step {first_s:.1f} s")
@@ -416,12 +434,13 @@ def first_step(contender: Contender, training: bool, grad_outputs: Outputs) -> O
 
 def format_table(rows: list[dict]) -> str:
     header = ("shape", "mode", "backend", "median ms", "p10-p90 ms", "vs eager", "saved MB",
-              "saved/x", "activ. MB", "x floor", "GB/s")
+              "saved/x", "activ. MB", "x floor", "GB/s", "x roofline")
     body = [(r["shape"], r["mode"], r["backend"], f"{r['median_ms']:.2f}",
              f"{r['p10_ms']:.2f}-{r['p90_ms']:.2f}", f"{r['speedup_vs_eager']:.2f}x",
              _maybe(r["saved_bytes"], 1e-6, "{:.1f}"), _maybe(r["saved_over_x"], 1, "{:.2f}"),
              _maybe(r["saved_activation_bytes"], 1e-6, "{:.1f}"),
-             _maybe(r["vs_bandwidth_floor"], 1, "{:.2f}"), _maybe(r["achieved_gbps"], 1, "{:.0f}"))
+             _maybe(r["vs_bandwidth_floor"], 1, "{:.2f}"), _maybe(r["achieved_gbps"], 1, "{:.0f}"),
+             _maybe(r["vs_roofline"], 1, "{:.2f}"))
             for r in rows]
     widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(str(v).rjust(w) if i >= 3 else str(v).ljust(w)

@@ -22,7 +22,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 COLUMNS = ["device", "device_name", "torch", "triton", "date", "backend", "shape", "N", "C", "M",
            "D", "F", "dtype", "mode", "median_ms", "p10_ms", "p90_ms", "repeats",
            "speedup_vs_eager", "saved_bytes", "saved_over_x", "saved_activation_bytes",
-           "floor_bytes", "plan_bytes", "achieved_gbps", "vs_bandwidth_floor"]
+           "floor_bytes", "plan_bytes", "achieved_gbps", "vs_bandwidth_floor", "roofline_ms", "vs_roofline"]
 MODES = ["eval-fwd", "train-fwd+bwd"]
 
 
