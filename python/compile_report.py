@@ -364,6 +364,32 @@ def write_outputs(rows: list[Row], folder: Path, settings: dict) -> None:
         print_table(rows, handle)
 
 
+def rows_from_worker_processes(chosen: dict, args, log) -> list[Row]:
+    """One child process per architecture (at most args.jobs at once); their rows merged."""
+    pending, running, rows = list(chosen["archs"]), [], []
+    with tempfile.TemporaryDirectory() as folder:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                arch = pending.pop(0)
+                command = [sys.executable, __file__, "--archs", str(arch), "--out", f"{folder}/sm_{arch}", "--quiet",
+                           *(f"--{key}={','.join(map(str, chosen[key]))}" for key in ("shapes", "dtypes", "modes",
+                                                                                      "options"))]
+                command += ["--no-triton"] * args.no_triton + ["--no-cuda"] * args.no_cuda
+                running.append((arch, subprocess.Popen(command, stdout=subprocess.DEVNULL)))
+                log(f"sm_{arch}: compiling in process {running[-1][1].pid}")
+            arch, process = running.pop(0)
+            process.wait()
+            record = Path(folder) / f"sm_{arch}" / "report.json"
+            if not record.exists():
+                rows.append(Row(compiler="report", arch=arch, kernel="(worker)", variant="", dtype="",
+                                error=f"the worker for sm_{arch} exited {process.returncode} without a report"))
+                continue
+            fields = set(Row.__dataclass_fields__)
+            rows += [Row(**{k: v for k, v in r.items() if k in fields}) for r in json.loads(record.read_text())["rows"]]
+            log(f"sm_{arch}: done")
+    return rows
+
+
 def write_status(rows: list[Row], archs: list[int], settings: dict) -> None:
     """Per backend, the architectures where every one of its kernel variants is clean."""
     backend_of = {"triton": "triton", "nvcc": "cuda"}
@@ -387,6 +413,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cuda", action="store_true")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for report.csv/json/txt (default benchmarks/out/<date>-compile-report)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="architectures compiled in parallel processes (each uses one core)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # kernels defined under the interpreter never compile
@@ -404,8 +432,9 @@ def main(argv=None) -> int:
     log = (lambda *a: None) if args.quiet else (lambda text: print(text, flush=True))
     tools = find_tools()
     started = time.perf_counter()
-    rows: list[Row] = []
-    for arch in chosen["archs"]:
+    in_workers = args.jobs > 1 and len(chosen["archs"]) > 1
+    rows: list[Row] = rows_from_worker_processes(chosen, args, log) if in_workers else []
+    for arch in [] if in_workers else chosen["archs"]:
         if not args.no_triton:
             log(f"triton sm_{arch}:")
             rows += triton_rows(arch, [SHAPES[s] for s in chosen["shapes"]], chosen["dtypes"], chosen["modes"],
