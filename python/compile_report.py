@@ -290,6 +290,15 @@ def cuda_dynamic_shared_cap() -> int:
     return int(found.group(1)) * 1024
 
 
+def kernel_name(mangled: str) -> str:
+    """The `*_kernel` identifier inside an Itanium-mangled name (<length><identifier> parts)."""
+    for match in re.finditer(r"\d+", mangled):
+        candidate = mangled[match.end():match.end() + int(match.group())]
+        if candidate.endswith("_kernel"):
+            return candidate
+    return mangled
+
+
 def cuda_rows(arch: int, tools: Tools, log) -> list[Row]:
     with tempfile.TemporaryDirectory() as folder:
         obj = Path(folder) / f"kernels_sm{arch}.o"
@@ -314,11 +323,10 @@ def cuda_rows(arch: int, tools: Tools, log) -> list[Row]:
     # ptxas -v: "Compiling entry function 'NAME' for 'sm_XX'" then its resource lines
     for name, body in re.findall(r"Compiling entry function '([^']+)' for 'sm_\d+a?'\n(.*?)(?=Compiling entry|\Z)",
                                  done.stderr, flags=re.S):
-        kernel = re.search(r"(\w+_kernel)", name)
-        dtype = next((label for code, label in CUDA_TYPES.items() if code in name), "float32")
+        dtype = next((label for code, label in CUDA_TYPES.items() if code in name), "any")
         usage = parse_ptxas(body)
         static = re.search(r"(\d+) bytes smem", body)
-        rows.append(Row(compiler="nvcc", arch=arch, kernel=kernel.group(1) if kernel else name,
+        rows.append(Row(compiler="nvcc", arch=arch, kernel=kernel_name(name),
                         variant=name, dtype=dtype, configs=["all shapes (BT chosen at run time)"],
                         shared=(int(static.group(1)) if static else 0) + dynamic, shared_limit=SHARED_LIMIT[arch],
                         num_warps=0, has_products=True, tensor_core_ops=tensor_ops.get(name, 0),

@@ -43,6 +43,14 @@ def test_problems_name_every_failed_condition():
     assert Row("nvcc", 80, "k", "", "", error="boom").problems == ["compile error"]
 
 
+def test_cuda_kernels_are_named_from_their_mangled_names():
+    from compile_report import kernel_name
+
+    prefix = "_ZN5dgsct4cuda43_GLOBAL__N__618bbb7b_10_kernels_cu_e8b2379e"
+    assert kernel_name(prefix + "13output_kernelI6__halfEEvNS0_8TileArgsE") == "output_kernel"
+    assert kernel_name(prefix + "14moments_kernelENS0_8TileArgsE") == "moments_kernel"
+
+
 def test_report_catches_fma_products_and_spills_in_real_compiles(tmp_path):
     """A float32 "ieee" dot compiles to FMA loops, and a [128, 128] accumulator in one warp
     spills: compiled for sm_90 through the report's stand-in driver, both are flagged."""
