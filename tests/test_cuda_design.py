@@ -91,6 +91,17 @@ def test_forward_on_host_both_guide_orders_and_large_inputs(order):
         assert_close(actual, expected, bound, f"{order} {field}")
 
 
+# C = 1536 (AVE stage 4): fewer than 16 tokens fit a tile in 96 KiB (9 here), so the
+# tensor-core products' 16-row blocks are partly empty and each frame spans three tiles.
+WIDE = Case(frames=2, tokens=20, dim=1536, guide_tokens=6, guide_dim=16, num_latents=4, reduction=8, segments=2)
+
+
+@needs_host_ops
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_on_host_with_tiles_under_16_tokens(training):
+    test_forward_tiles_on_host_match_reference(WIDE, training, {}, torch.float32)
+
+
 def _reference_grads(module, x64, g64, params64, training, grads_out):
     inputs = [x64.clone().requires_grad_(), g64.clone().requires_grad_()]
     leaves = {n: p.detach().clone().requires_grad_() for n, p in params64.items()

@@ -5,7 +5,8 @@
 //   bottleneck  x -> x1 -> qv2 -> s; modulation -> xm; ln_before; down projection -> z
 //   moments     z -> h -> u: bn2's per-tile sums (training with BatchNorm only)
 //   output      z -> h -> u -> bn2 -> ln_post -> gate -> o
-// x1, qv1, xc, qv2 and xm live in shared memory and registers only.
+// x1, qv1, xc, qv2 and xm live in shared memory and registers only. The token x channel
+// products run on tensor cores (mma.sync tf32 with a 3xTF32 split, see dgsct_tiles.h).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -15,29 +16,29 @@
 namespace dgsct::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 32 * kBlockWarps;
 constexpr int64_t kMaxSharedBytes = 96 * 1024;
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) channel_kernel(TileArgs a) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
   channel_tile<scalar_t>(a, blockIdx.x, smem);
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) bottleneck_kernel(TileArgs a) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
   bottleneck_tile<scalar_t>(a, blockIdx.x, smem);
 }
 
 __global__ void __launch_bounds__(kThreads) moments_kernel(TileArgs a) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
   moments_tile(a, blockIdx.x, smem);
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) output_kernel(TileArgs a) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
   output_tile<scalar_t>(a, blockIdx.x, smem);
 }
 

@@ -186,12 +186,17 @@ Tensor layer_norm_rows_backward(const Tensor& dy, const LayerNormState& s, const
 }  // namespace
 
 int tile_tokens(const TileArgs& a, int64_t budget_floats) {
-  const int64_t per_token = std::max({channel_shared_floats(a, 1), bottleneck_shared_floats(a, 1),
-                                      moments_shared_floats(a, 1), output_shared_floats(a, 1)});
-  TORCH_CHECK(per_token <= budget_floats, "dgsct_kernels cuda: C=", a.C, " (with K=", a.K, ", H=", a.H,
-              ") needs ", per_token * 4, " bytes of shared memory per token, more than the ", budget_floats * 4,
-              " bytes a block may use on this device");
-  return static_cast<int>(std::clamp<int64_t>(budget_floats / per_token, 1, 64));
+  const auto need = [&](int bt) {
+    return std::max({channel_shared_floats(a, bt), bottleneck_shared_floats(a, bt), moments_shared_floats(a, bt),
+                     output_shared_floats(a, bt)});
+  };
+  TORCH_CHECK(need(1) <= budget_floats, "dgsct_kernels cuda: C=", a.C, " (with K=", a.K, ", H=", a.H,
+              ") needs ", need(1) * 4, " bytes of shared memory for a one-token tile, more than the ",
+              budget_floats * 4, " bytes a block may use on this device");
+  int bt = std::min(64, (a.N + kMmaRows - 1) / kMmaRows * kMmaRows);  // no more rows than N needs
+  while (need(bt) > budget_floats) --bt;
+  // whole 16-row blocks of the tensor-core products where at least one fits
+  return bt >= kMmaRows ? bt - bt % kMmaRows : bt;
 }
 
 std::vector<Tensor> forward_design(const Tensor& x_in, const Tensor& g, const c10::List<std::optional<Tensor>>& params,

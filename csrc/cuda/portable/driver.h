@@ -36,7 +36,9 @@ std::vector<at::Tensor> backward_design(const at::Tensor& grad_residual, const a
                                         at::ArrayRef<double> hyper, bool training, const std::string& order,
                                         at::IntArrayRef wanted, const char* who);
 
-// Tokens per tile so that the largest pass fits `budget_floats` shared floats (1 to 64).
+// Tokens per tile so that the largest pass fits `budget_floats` shared floats: at most 64
+// and N rounded up to 16, a multiple of 16 (the tensor-core products' row block) unless
+// fewer than 16 fit.
 int tile_tokens(const TileArgs& a, int64_t budget_floats);
 
 }  // namespace dgsct::cuda

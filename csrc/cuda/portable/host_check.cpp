@@ -5,9 +5,11 @@
 //                                          CPU, tile after tile, with a CPU buffer as shared memory
 //   dgsct_kernels::cuda_backward_on_host  the CUDA backward (ATen) on CPU tensors
 //
-// Same schema as fused_forward / fused_backward; float32, bfloat16 and float16. What this
-// cannot check: the CUDA specifics (launch configuration, shared-memory sizes, races
-// between threads of a block); tests/test_gpu.py does, on a GPU.
+// Same schema as fused_forward / fused_backward; float32, bfloat16 and float16. The tile
+// products run each lane's share of a warp item with the device's 3xTF32 operand rounding
+// (mma_block in dgsct_tiles.h). What this cannot check: the CUDA specifics (launch
+// configuration, shared-memory sizes, races between threads of a block, the mma.sync
+// fragment layout); tests/test_gpu.py does, on a GPU.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
