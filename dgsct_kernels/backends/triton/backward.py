@@ -11,15 +11,17 @@ forward's. The gradient then runs in two stages, in float32:
   front  dz -> dx. One fused Triton pass (modulation_backward_pass.py) recomputes x1
          and the modulation, takes dy = dz W_down through ln_before and the modulation,
          reduces d scale on chip (per token for ds, per frame for dch and dtg), and
-         writes x1, y and dx1. Then, in PyTorch: the spatial attention (qv2 recomputed
-         by one product), the channel attention, the prompt attention, and the per-frame
-         layers and guide path (its rewritten or tokens-first order, P never formed)
-         through torch.func.vjp on [F, K, C] tensors.
+         writes x1, y and dx1. Then the spatial, channel and prompt attention in Triton
+         passes (attention_backward_pass.py: relu masks as int8, dx1 updated in place,
+         per-frame sums as per-block partials, W_video_1/2 gradients as split-K
+         reductions), with only their [F, C]-sized steps (d s, the channel MLP) in
+         PyTorch; and the per-frame layers and guide path (its rewritten or tokens-first
+         order, P never formed) through torch.func.vjp on [F, K, C] tensors.
 
-Each weight gradient is a reduction over all F*N tokens of a product of two token-sized
-operands; here those are temporaries of the backward (x1, y, du, dqv1, dqv2, ...) fed to
-cuBLAS, freed as it goes and never saved by the forward. Reducing them per frame inside
-fused passes instead is the choice GPU timings have to make (benchmarks/NOTES.md).
+The weight gradients of the tail and of the down projection are reductions over all F*N
+tokens of two token-sized operands (y, du, h, ...) fed to cuBLAS, freed as it goes and
+never saved by the forward; the attention layers' are split-K Triton reductions. Which
+suits the others is for GPU timings to decide (benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from torch import Tensor
 
 from ...config import Hyper, dims_from_params
 from ...guide_path import prompts_and_pooled_guide
+from .attention_backward_pass import (attention_backward_launches, run_attention_masks, run_attention_weight_grad,
+                                      run_channel_backward, run_prompt_backward, run_spatial_backward)
 from .common import dot_dtype, interpreting
 from .modulation_backward_pass import modulation_backward_launch, run_modulation_backward
 from .output_backward_pass import output_backward_launch, run_output_backward
@@ -122,26 +126,28 @@ def backward(state, grads: Sequence[Tensor], x: Tensor, g: Tensor,
     d_tg = grad_tg + hyper.gamma * scale_row_sums.sum(1)  # [F]
     sp_sigmoid = torch.sigmoid(s)
 
-    # spatial attention: s feeds sigmoid(s) in the modulation and softmax(tanh(s)) as the map
+    # the three attentions (attention_backward_pass.py). s feeds sigmoid(s) in the
+    # modulation and softmax(tanh(s)) as the map: its gradient is [F, N] PyTorch
     tanh_s = torch.tanh(s)
     spatial_map = tanh_s.softmax(-1)
     d_tanh = spatial_map * (grad_map - (spatial_map * grad_map).sum(-1, keepdim=True))
-    d_s = d_sp_sigmoid * sp_sigmoid * (1 - sp_sigmoid) + d_tanh * (1 - tanh_s * tanh_s)
-    xc = x1 * (1 + ch[:, None, :])
-    v2 = F.relu(F.linear(xc, p["fc_affine_video_2.weight"], p["fc_affine_video_2.bias"]))  # [F, N, C/2]
+    d_s = (d_sp_sigmoid * sp_sigmoid * (1 - sp_sigmoid) + d_tanh * (1 - tanh_s * tanh_s)).contiguous()
+    del x1  # the passes recompute x1 from x and the prompt probabilities
+    interpret = interpreting()
+    launches = attention_backward_launches(frames, shape, x.dtype, arch)
+    x = x.contiguous()
     ws = p["fc_affine_v_s_att.weight"].reshape(-1)
-    out["fc_affine_v_s_att.weight"] = torch.einsum("fn,fnc,fc->c", d_s, v2, qa2).reshape(1, -1)
+    spatial_scale = (ws * qa2).contiguous()  # d v2 = d s * spatial_scale * (pre2 > 0)
+    probs, mask2, mask1, t_sums, v1_sums = run_attention_masks(launches["attention_masks"], x, prompts, params,
+                                                               ch, d_s, interpret)
+    out["fc_affine_v_s_att.weight"] = (t_sums * qa2).sum(0).reshape(1, -1)  # t = sum_n d s * v2
     out["fc_affine_v_s_att.bias"] = d_s.sum().reshape(1)
-    d_qa2 = torch.einsum("fn,fnc->fc", d_s, v2) * ws
-    d_v2 = d_s[..., None] * (ws * qa2)[:, None, :] * (v2 > 0)
-    del v2
-    out["fc_affine_video_2.weight"] = torch.einsum("fno,fni->oi", d_v2, xc)
-    out["fc_affine_video_2.bias"] = d_v2.sum((0, 1))
-    d_xc = torch.matmul(d_v2, p["fc_affine_video_2.weight"])
-    del d_v2, xc
-    d_x1 += d_xc * (1 + ch[:, None, :])
-    d_ch += (d_xc * x1).sum(1)
-    del d_xc
+    d_qa2 = t_sums * ws
+    out["fc_affine_video_2.weight"], out["fc_affine_video_2.bias"] = run_attention_weight_grad(
+        launches["weight_grad_video_2"], x, prompts, params, probs, mask2, spatial_scale, d_s, ch, interpret)
+    d_ch += run_spatial_backward(launches["spatial_backward"], x, prompts, params, ch, d_s, spatial_scale, probs,
+                                 mask2, d_x1, interpret)  # and d_x1 += d xc (1 + ch)
+    del mask2
 
     # channel attention: ch = sigmoid(Wc relu(Wb joint + bb) + bc), joint = qa1 * mean_n(v1)
     hidden = F.relu(F.linear(state.joint, p["fc_affine_bottleneck.weight"], p["fc_affine_bottleneck.bias"]))
@@ -152,27 +158,18 @@ def backward(state, grads: Sequence[Tensor], x: Tensor, g: Tensor,
     out["fc_affine_bottleneck.weight"] = d_pre_b.t() @ state.joint
     out["fc_affine_bottleneck.bias"] = d_pre_b.sum(0)
     d_joint = d_pre_b @ p["fc_affine_bottleneck.weight"]
-    v1 = F.relu(F.linear(x1, p["fc_affine_video_1.weight"], p["fc_affine_video_1.bias"]))
-    d_qa1 = d_joint * v1.mean(1)
-    d_v1 = (d_joint * qa1 / tokens)[:, None, :] * (v1 > 0)
-    del v1
-    out["fc_affine_video_1.weight"] = torch.einsum("fno,fni->oi", d_v1, x1)
-    out["fc_affine_video_1.bias"] = d_v1.sum((0, 1))
-    d_x1 += torch.matmul(d_v1, p["fc_affine_video_1.weight"])
-    del d_v1, x1
+    d_qa1 = d_joint * (v1_sums / tokens)
+    channel_scale = (d_joint * qa1 / tokens).contiguous()  # d v1 = channel_scale * (pre1 > 0)
+    out["fc_affine_video_1.weight"], out["fc_affine_video_1.bias"] = run_attention_weight_grad(
+        launches["weight_grad_video_1"], x, prompts, params, probs, mask1, channel_scale, interpret=interpret)
+    d_logits = run_channel_backward(launches["channel_backward"], prompts, params, channel_scale, probs, mask1,
+                                    d_x1, interpret)  # and d_x1 += d v1 W_video_1: the final dx1
+    del mask1
 
-    # prompt attention: x1 = x + gate_av * softmax(x R^T) R ([F, N, K] products, recomputed)
-    xf = x.float()
-    probs = torch.matmul(xf, prompts.transpose(1, 2)).softmax(-1)
-    prompt_mix = torch.matmul(probs, prompts)
-    out["gate_av"] = (d_x1 * prompt_mix).sum().reshape(1)
-    del prompt_mix
-    d_probs = p["gate_av"] * torch.matmul(d_x1, prompts.transpose(1, 2))  # [F, N, K]
-    d_logits = probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True))
-    d_prompts = (p["gate_av"] * torch.matmul(probs.transpose(1, 2), d_x1)
-                 + torch.matmul(d_logits.transpose(1, 2), xf))  # [F, K, C]
-    out["x"] = (d_x1 + torch.matmul(d_logits, prompts)).to(x.dtype)
-    del d_x1, d_probs, d_logits, probs, xf
+    # prompt attention: x1 = x + gate_av * softmax(x R^T) R
+    out["x"], d_prompts, out["gate_av"] = run_prompt_backward(launches["prompt_backward"], x, prompts, params,
+                                                              probs, d_logits, d_x1, interpret)
+    del d_x1, d_logits, probs
 
     # per-frame layers and the guide path, through the pooled guide a and the prompts R
     frame_names = ["fc_affine_audio_1.weight", "fc_affine_audio_1.bias", "fc_affine_audio_2.weight",
