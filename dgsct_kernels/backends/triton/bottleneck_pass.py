@@ -41,6 +41,7 @@ def ln_before_statistics(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alp
     """ln_before's per-token mean and 1/std of xm over the C channels (two sweeps: mean, then
     the centred variance)."""
     mean = tl.zeros((BN,), dtype=tl.float32)
+    tl.assume(C > 0)
     for c0 in range(0, C, BK):
         cols = c0 + tl.arange(0, BK)
         xm = _modulated(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta, gamma,
@@ -78,6 +79,7 @@ def bottleneck_pass_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, qa2_ptr, tg_ptr,
 
     # spatial logit: a [BN, C] x [C, C/2] product reduced to one value per token
     s = tl.zeros((BN,), dtype=tl.float32)
+    tl.assume(HALF > 0)
     for o0 in range(0, HALF, BO):
         outs = o0 + tl.arange(0, BO)
         out_mask = outs < HALF
@@ -98,39 +100,44 @@ def bottleneck_pass_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, qa2_ptr, tg_ptr,
         mean, rstd = ln_before_statistics(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta,
                                           gamma, rows, row_mask, C, K, ln_eps, BN, BK, KP, DOT, INTERPRET)
 
-    # grouped down projection: group g maps channels [g C/G, (g+1) C/G) to hidden [g H/G, ...)
+    # grouped down projection: group g maps channels [g C/G, (g+1) C/G) to hidden [g H/G, ...),
+    # BH hidden channels at a time (y is recomputed per hidden block: no [BN, H/G] accumulator)
     cg = C // GROUPS
     hg = H // GROUPS
-    hidden = tl.arange(0, BH)
-    hidden_mask = hidden < hg
     count = tl.sum(row_mask.to(tl.float32), 0)
+    tl.assume(GROUPS > 0)
+    tl.assume(cg > 0)
+    tl.assume(hg > 0)
     for group in range(0, GROUPS):
-        acc = tl.zeros((BN, BH), dtype=tl.float32)
-        for c0 in range(0, cg, BK):
-            local = c0 + tl.arange(0, BK)
-            local_mask = local < cg
-            cols = group * cg + local
-            y = _modulated(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta, gamma,
-                           rows, row_mask, cols, local_mask, C, K, KP, DOT, INTERPRET)
-            if USE_LN:
-                lnw = tl.load(lnw_ptr + cols, mask=local_mask, other=0.0).to(tl.float32)
-                lnb = tl.load(lnb_ptr + cols, mask=local_mask, other=0.0).to(tl.float32)
-                y = tl.where(local_mask[None, :],
-                             (y - mean[:, None]) * rstd[:, None] * lnw[None, :] + lnb[None, :], 0.0)
-            w = tl.load(wd_ptr + (group * hg + hidden)[:, None] * cg + local[None, :],
-                        mask=hidden_mask[:, None] & local_mask[None, :], other=0.0)
-            # float32 operands: train-mode bn1 divides z by its batch spread, which
-            # magnifies a rounding of y (bf16, measured: 1.05e-2 -> 7.0e-3 of max |o|)
-            acc += matmul(y, tl.trans(w), tl.float32, INTERPRET)
-        channels = group * hg + hidden
-        out_mask = row_mask[:, None] & hidden_mask[None, :]
-        tl.store(z_ptr + (f * N + rows)[:, None] * H + channels[None, :],
-                 acc.to(z_ptr.dtype.element_ty), mask=out_mask)
-        block_sum = tl.sum(tl.where(out_mask, acc, 0.0), 0)
-        centred = tl.where(out_mask, acc - (block_sum / count)[None, :], 0.0)
-        stat = (f * token_blocks + nb) * H + channels
-        tl.store(zsum_ptr + stat, block_sum, mask=hidden_mask)
-        tl.store(zm2_ptr + stat, tl.sum(centred * centred, 0), mask=hidden_mask)
+        for h0 in range(0, hg, BH):
+            hidden = h0 + tl.arange(0, BH)
+            hidden_mask = hidden < hg
+            acc = tl.zeros((BN, BH), dtype=tl.float32)
+            for c0 in range(0, cg, BK):
+                local = c0 + tl.arange(0, BK)
+                local_mask = local < cg
+                cols = group * cg + local
+                y = _modulated(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta, gamma,
+                               rows, row_mask, cols, local_mask, C, K, KP, DOT, INTERPRET)
+                if USE_LN:
+                    lnw = tl.load(lnw_ptr + cols, mask=local_mask, other=0.0).to(tl.float32)
+                    lnb = tl.load(lnb_ptr + cols, mask=local_mask, other=0.0).to(tl.float32)
+                    y = tl.where(local_mask[None, :],
+                                 (y - mean[:, None]) * rstd[:, None] * lnw[None, :] + lnb[None, :], 0.0)
+                w = tl.load(wd_ptr + (group * hg + hidden)[:, None] * cg + local[None, :],
+                            mask=hidden_mask[:, None] & local_mask[None, :], other=0.0)
+                # float32 operands (3xTF32): train-mode bn1 divides z by its batch spread, which
+                # magnifies a rounding of y (bf16, measured: 1.05e-2 -> 7.0e-3 of max |o|)
+                acc += matmul(y, tl.trans(w), tl.float32, INTERPRET)
+            channels = group * hg + hidden
+            out_mask = row_mask[:, None] & hidden_mask[None, :]
+            tl.store(z_ptr + (f * N + rows)[:, None] * H + channels[None, :],
+                     acc.to(z_ptr.dtype.element_ty), mask=out_mask)
+            block_sum = tl.sum(tl.where(out_mask, acc, 0.0), 0)
+            centred = tl.where(out_mask, acc - (block_sum / count)[None, :], 0.0)
+            stat = (f * token_blocks + nb) * H + channels
+            tl.store(zsum_ptr + stat, block_sum, mask=hidden_mask)
+            tl.store(zm2_ptr + stat, tl.sum(centred * centred, 0), mask=hidden_mask)
 
 
 def bottleneck_pass_launch(frames, shape: Shape, dtype, arch, use_ln) -> Launch:
@@ -139,7 +146,8 @@ def bottleneck_pass_launch(frames, shape: Shape, dtype, arch, use_ln) -> Launch:
     chosen = tiles("bottleneck_pass", shape, dtype, arch)
     bn, bo = chosen["BN"], chosen["BO"]
     token_blocks = triton.cdiv(tokens, bn)
-    x_sweeps = 1 + triton.cdiv(dim // 2, bo) + (2 if use_ln else 0) + 1  # probs, s, LN, down
+    hidden_blocks = triton.cdiv(hidden // groups, chosen["BH"])  # y is recomputed per hidden block
+    x_sweeps = 1 + triton.cdiv(dim // 2, bo) + (2 if use_ln else 0) + hidden_blocks  # probs, s, LN, down
     weights = (dim // 2 * dim + hidden * dim // groups + 4 * dim) * itemsize
     return Launch(
         name="bottleneck_pass", grid=(frames, token_blocks), tiles=chosen,
@@ -150,7 +158,8 @@ def bottleneck_pass_launch(frames, shape: Shape, dtype, arch, use_ln) -> Launch:
         writes={"s": ((frames, tokens), 4), "z": ((frames, tokens, hidden), 4),
                 "z_block_sums": ((2, frames, token_blocks, hidden), 4)},
         flops=frames * tokens * (2 * dim * (dim // 2) + 2 * dim * hidden // groups
-                                 + 4 * dim * latents * x_sweeps))  # x1 is recomputed per sweep
+                                 + 4 * dim * latents * x_sweeps),  # x1 is recomputed per sweep
+        split_flops=frames * tokens * (2 * dim * hidden // groups + 4 * dim * latents * x_sweeps))
 
 
 def run_bottleneck_pass(launch: Launch, x, prompts, gate_av, ch, qa2, tg, p, hyper, dot_dtype, interpret):

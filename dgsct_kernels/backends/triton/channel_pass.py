@@ -51,7 +51,8 @@ def channel_pass_launch(frames, shape: Shape, dtype, arch) -> Launch:
         writes={"joint_partials": ((frames, token_blocks, dim), 4)},
         reread_factor=out_blocks,  # programs of one token block share x through the cache
         host_read=frames * token_blocks * dim * 4,
-        flops=frames * tokens * (2 * dim * dim + out_blocks * 4 * dim * latents))
+        flops=frames * tokens * (2 * dim * dim + out_blocks * 4 * dim * latents),
+        split_flops=frames * tokens * out_blocks * 4 * dim * latents)  # x1's products
 
 
 def run_channel_pass(launch: Launch, x, prompts, gate_av, weight, bias, qa1, dot_dtype, interpret):

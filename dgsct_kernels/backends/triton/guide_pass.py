@@ -8,7 +8,9 @@
                    and A btok
 
 The host adds the partials and finishes with [K, D] x Wfc^T products (SPEC.md's
-identities). Everything accumulates in float32; g is read in its own dtype, twice.
+identities). Everything accumulates in float32; g is read in its own dtype, twice. The
+products take float32 operands (3xTF32 on tensor cores, common.matmul): R and a feed
+every later step of every token.
 """
 import torch
 import triton
@@ -29,6 +31,7 @@ def scores_kernel(g_ptr, q_ptr, wbar_ptr, sg_ptr, pooled_ptr, M, D, K,
     ks = tl.arange(0, KP)
     wbar = tl.load(wbar_ptr + ms, mask=m_mask, other=0.0)
     acc = tl.zeros((KP, BM), dtype=tl.float32)
+    tl.assume(D > 0)
     for d0 in range(0, D, BD):
         ds = d0 + tl.arange(0, BD)
         d_mask = ds < D
@@ -53,6 +56,7 @@ def logits_kernel(sg_ptr, wtok_ptr, btok_ptr, qsum_ptr, s_ptr, N, M, K,
     ks = tl.arange(0, KP)
     k_mask = ks < K
     acc = tl.zeros((KP, BN), dtype=tl.float32)
+    tl.assume(M > 0)
     for m0 in range(0, M, BM):
         ms = m0 + tl.arange(0, BM)
         m_mask = ms < M
@@ -75,6 +79,8 @@ def apply_kernel(s_ptr, wtok_ptr, btok_ptr, g_ptr, applied_ptr, attn_bias_ptr, N
     mb = tl.program_id(1)
     ks = tl.arange(0, KP)
     k_mask = ks < K
+    tl.assume(N > 0)
+    tl.assume(D > 0)
     # softmax statistics of the frame's K score rows over the N tokens
     row_max = tl.full((KP,), float("-inf"), dtype=tl.float32)
     for n0 in range(0, N, BN):
@@ -131,16 +137,17 @@ def guide_pass_launches(frames, shape: Shape, dtype, arch) -> list[Launch]:
         Launch("guide_scores", (F, m_blocks_scores), scores_tiles,
                bytes_read=g_bytes + M * f32 + K * D * f32,
                writes={"Sg": ((F, K, M), f32), "pooled_partials": ((F, m_blocks_scores, D), f32)},
-               flops=2 * F * K * M * D,
+               flops=2 * F * K * M * D, split_flops=2 * F * K * M * D,  # float32 operands
                host_read=F * m_blocks_scores * D * f32),
         Launch("guide_logits", (F, triton.cdiv(N, bn)), logits_tiles,
                bytes_read=sg_bytes + wtok_bytes + N * itemsize, writes={"S": ((F, K, N), f32)},
-               flops=2 * F * K * M * N),
+               flops=2 * F * K * M * N, split_flops=2 * F * K * M * N),
         Launch("guide_apply", (F, m_blocks_apply), apply_tiles,
                bytes_read=s_bytes + wtok_bytes + g_bytes + N * itemsize,
                writes={"applied_partials": ((F, m_blocks_apply, K, D), f32), "A_btok": ((F, K), f32)},
                # plus the host's [K, D] x Wfc^T finish
                flops=2 * F * K * M * N + 2 * F * K * M * D + 2 * F * K * D * dim, reread_factor=3,
+               split_flops=2 * F * K * M * N + 2 * F * K * M * D + 2 * F * K * D * dim,
                host_read=F * m_blocks_apply * K * D * f32 + F * K * f32),
     ]
 

@@ -21,20 +21,28 @@ from .plan import Launch
 from .tiling import Shape, latents_block, tiles
 
 SUMS = 3  # per-channel sums: d scale, d y * y_hat (ln_before weight), d y (ln_before bias)
+SUM_ROWS = tl.constexpr(SUMS)  # the same count inside @triton.jit (plain globals are not visible)
 
 
 @triton.jit
 def _down_projection_grad(dz_ptr, wd_ptr, f, rows, row_mask, group, local, local_mask, N, H, GROUPS, cg,
-                          BH: tl.constexpr, INTERPRET: tl.constexpr):
-    """dy[rows, group's channels `local`] = dz (that group's hidden) @ W_down: [BN, BK] float32."""
+                          BN: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, INTERPRET: tl.constexpr):
+    """dy[rows, group's channels `local`] = dz (that group's hidden) @ W_down: [BN, BK] float32.
+
+    The group's H/G hidden channels are the product's inner axis, taken BH at a time."""
     hg = H // GROUPS
-    hidden = tl.arange(0, BH)
-    hidden_mask = hidden < hg
-    dz = tl.load(dz_ptr + (f * N + rows)[:, None] * H + (group * hg + hidden)[None, :],
-                 mask=row_mask[:, None] & hidden_mask[None, :], other=0.0)
-    w = tl.load(wd_ptr + (group * hg + hidden)[:, None] * cg + local[None, :],
-                mask=hidden_mask[:, None] & local_mask[None, :], other=0.0)
-    return matmul(dz, w, tl.float32, INTERPRET)
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    tl.assume(hg > 0)
+    for h0 in range(0, hg, BH):
+        hidden = h0 + tl.arange(0, BH)
+        hidden_mask = hidden < hg
+        dz = tl.load(dz_ptr + (f * N + rows)[:, None] * H + (group * hg + hidden)[None, :],
+                     mask=row_mask[:, None] & hidden_mask[None, :], other=0.0)
+        w = tl.load(wd_ptr + (group * hg + hidden)[:, None] * cg + local[None, :],
+                    mask=hidden_mask[:, None] & local_mask[None, :], other=0.0)
+        # float32 (3xTF32): dz carries bn1's train-mode magnification (see bottleneck_pass.py)
+        acc += matmul(dz, w, tl.float32, INTERPRET)
+    return acc
 
 
 @triton.jit
@@ -56,6 +64,8 @@ def modulation_backward_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, tg_ptr, s_ptr,
     sp = stable_sigmoid(s)
     tg = tl.load(tg_ptr + f)
     cg = C // GROUPS
+    tl.assume(GROUPS > 0)
+    tl.assume(cg > 0)
 
     mean = tl.zeros((BN,), dtype=tl.float32)
     rstd = tl.full((BN,), 1.0, dtype=tl.float32)
@@ -73,7 +83,7 @@ def modulation_backward_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, tg_ptr, s_ptr,
                 xm = _modulated(x_frame, r_frame, probs, gate_av, ch_frame, sp, tg, alpha, beta, gamma,
                                 rows, row_mask, cols, local_mask, C, K, KP, DOT, INTERPRET)
                 dy = _down_projection_grad(dz_ptr, wd_ptr, f, rows, row_mask, group, local, local_mask, N,
-                                           H, GROUPS, cg, BH, INTERPRET)
+                                           H, GROUPS, cg, BN, BK, BH, INTERPRET)
                 lnw = tl.load(lnw_ptr + cols, mask=local_mask, other=0.0).to(tl.float32)
                 d_hat = dy * lnw[None, :]
                 d_mean += tl.sum(d_hat, 1)
@@ -93,7 +103,7 @@ def modulation_backward_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, tg_ptr, s_ptr,
             scale = modulation_scale(ch_frame, sp, tg, alpha, beta, gamma, cols, local_mask)
             xm = x1 * scale
             dy = _down_projection_grad(dz_ptr, wd_ptr, f, rows, row_mask, group, local, local_mask, N, H,
-                                       GROUPS, cg, BH, INTERPRET)
+                                       GROUPS, cg, BN, BK, BH, INTERPRET)
             if USE_LN:
                 lnw = tl.load(lnw_ptr + cols, mask=local_mask, other=0.0).to(tl.float32)
                 lnb = tl.load(lnb_ptr + cols, mask=local_mask, other=0.0).to(tl.float32)
@@ -111,7 +121,7 @@ def modulation_backward_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, tg_ptr, s_ptr,
             tl.store(y_ptr + offsets, y, mask=mask)
             tl.store(dx1_ptr + offsets, d_xm * scale, mask=mask)
             row_sum += tl.sum(d_scale, 1)
-            base = sums_ptr + ((f * token_blocks + nb) * SUMS) * C + cols
+            base = sums_ptr + ((f * token_blocks + nb) * SUM_ROWS) * C + cols
             tl.store(base, tl.sum(d_scale, 0), mask=local_mask)
             tl.store(base + C, tl.sum(tl.where(mask, dy * y_hat, 0.0), 0), mask=local_mask)
             tl.store(base + 2 * C, tl.sum(dy, 0), mask=local_mask)

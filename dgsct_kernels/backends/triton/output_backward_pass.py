@@ -18,6 +18,7 @@ from .plan import Launch
 from .tiling import Shape, tiles
 
 SUMS = 5  # per-channel sums: d bn2 out, d bn2 out * u_hat, d ln_post out * normed, d ln_post out, gate
+SUM_ROWS = tl.constexpr(SUMS)  # the same count inside @triton.jit (plain globals are not visible)
 
 
 @triton.jit
@@ -32,6 +33,8 @@ def output_backward_kernel(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, sh
     rows = nb * BN + tl.arange(0, BN)
     row_mask = rows < N
     cg = C // GROUPS
+    tl.assume(GROUPS > 0)
+    tl.assume(cg > 0)
     gate = tl.load(gate_ptr).to(tl.float32) if USE_GATE else 1.0
     if USE_LN:
         mean, rstd = ln_post_statistics(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows,
@@ -46,7 +49,7 @@ def output_backward_kernel(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, sh
                 outs = group * cg + local
                 mask = row_mask[:, None] & local_mask[None, :]
                 u = bn2_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows,
-                               row_mask, group, local, local_mask, N, C, H, GROUPS, BH, INTERPRET)
+                               row_mask, group, local, local_mask, N, C, H, GROUPS, BN, BO, BH, INTERPRET)
                 normed = (u - mean[:, None]) * rstd[:, None]
                 grad = tl.load(grad_ptr + (f * N + rows)[:, None] * C + outs[None, :], mask=mask,
                                other=0.0).to(tl.float32)
@@ -64,7 +67,7 @@ def output_backward_kernel(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, sh
             outs = group * cg + local
             mask = row_mask[:, None] & local_mask[None, :]
             u = up_projection(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, f, rows, row_mask, group, local,
-                              local_mask, N, C, H, GROUPS, BH, INTERPRET)
+                              local_mask, N, C, H, GROUPS, BN, BO, BH, INTERPRET)
             scale2 = tl.load(scale2_ptr + outs, mask=local_mask, other=0.0)
             shift2 = tl.load(shift2_ptr + outs, mask=local_mask, other=0.0)
             post = u * scale2[None, :] + shift2[None, :]
@@ -85,7 +88,7 @@ def output_backward_kernel(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, sh
             u_hat = (u - tl.load(mean2_ptr + outs, mask=local_mask, other=0.0)[None, :]) \
                 * tl.load(rstd2_ptr + outs, mask=local_mask, other=0.0)[None, :]
             if WRITE_SUMS:
-                base = sums_ptr + ((f * token_blocks + nb) * SUMS) * C + outs
+                base = sums_ptr + ((f * token_blocks + nb) * SUM_ROWS) * C + outs
                 tl.store(base, tl.sum(d_post, 0), mask=local_mask)
                 tl.store(base + C, tl.sum(d_post * u_hat, 0), mask=local_mask)
                 tl.store(base + 2 * C, tl.sum(tl.where(mask, d_out * normed, 0.0), 0), mask=local_mask)

@@ -14,32 +14,40 @@ from .tiling import Shape, tiles
 
 @triton.jit
 def up_projection(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, f, rows, row_mask, group, outs_local, out_mask,
-                  N, C, H, GROUPS, BH: tl.constexpr, INTERPRET: tl.constexpr):
-    """up(relu(bn1(z))) for output channels group*C/G + outs_local, before bn2: [BN, BO] float32."""
+                  N, C, H, GROUPS, BN: tl.constexpr, BO: tl.constexpr, BH: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """up(relu(bn1(z))) for output channels group*C/G + outs_local, before bn2: [BN, BO] float32.
+
+    The group's H/G hidden channels are the product's inner axis, taken BH at a time."""
     hg = H // GROUPS
     cg = C // GROUPS
-    hidden = tl.arange(0, BH)
-    hidden_mask = hidden < hg
-    channels = group * hg + hidden
-    mask = row_mask[:, None] & hidden_mask[None, :]
-    z = tl.load(z_ptr + (f * N + rows)[:, None] * H + channels[None, :], mask=mask, other=0.0)
-    scale1 = tl.load(scale1_ptr + channels, mask=hidden_mask, other=0.0)
-    shift1 = tl.load(shift1_ptr + channels, mask=hidden_mask, other=0.0)
-    h = tl.where(mask, tl.maximum(z.to(tl.float32) * scale1[None, :] + shift1[None, :], 0.0), 0.0)
     outs = group * cg + outs_local
-    w = tl.load(wu_ptr + outs[:, None] * hg + hidden[None, :],
-                mask=out_mask[:, None] & hidden_mask[None, :], other=0.0)
-    # float32: bn2's batch statistics come from the moments of the unrounded h, so the
-    # values it normalises must not carry a low-precision rounding that the statistics lack
-    return matmul(h, tl.trans(w), tl.float32, INTERPRET)
+    acc = tl.zeros((BN, BO), dtype=tl.float32)
+    tl.assume(hg > 0)
+    for h0 in range(0, hg, BH):
+        hidden = h0 + tl.arange(0, BH)
+        hidden_mask = hidden < hg
+        channels = group * hg + hidden
+        mask = row_mask[:, None] & hidden_mask[None, :]
+        z = tl.load(z_ptr + (f * N + rows)[:, None] * H + channels[None, :], mask=mask, other=0.0)
+        scale1 = tl.load(scale1_ptr + channels, mask=hidden_mask, other=0.0)
+        shift1 = tl.load(shift1_ptr + channels, mask=hidden_mask, other=0.0)
+        h = tl.where(mask, tl.maximum(z.to(tl.float32) * scale1[None, :] + shift1[None, :], 0.0), 0.0)
+        w = tl.load(wu_ptr + outs[:, None] * hg + hidden[None, :],
+                    mask=out_mask[:, None] & hidden_mask[None, :], other=0.0)
+        # float32 (3xTF32): bn2's batch statistics come from the moments of the unrounded h, so
+        # the values it normalises must not carry a low-precision rounding that the statistics lack
+        acc += matmul(h, tl.trans(w), tl.float32, INTERPRET)
+    return acc
 
 
 @triton.jit
 def bn2_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows, row_mask, group,
-               outs_local, out_mask, N, C, H, GROUPS, BH: tl.constexpr, INTERPRET: tl.constexpr):
+               outs_local, out_mask, N, C, H, GROUPS, BN: tl.constexpr, BO: tl.constexpr, BH: tl.constexpr,
+               INTERPRET: tl.constexpr):
     """bn2(up(relu(bn1(z)))) for output channels group*C/G + outs_local: [BN, BO] float32, 0 outside."""
     u = up_projection(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, f, rows, row_mask, group, outs_local,
-                      out_mask, N, C, H, GROUPS, BH, INTERPRET)
+                      out_mask, N, C, H, GROUPS, BN, BO, BH, INTERPRET)
     outs = group * (C // GROUPS) + outs_local
     scale2 = tl.load(scale2_ptr + outs, mask=out_mask, other=0.0)
     shift2 = tl.load(shift2_ptr + outs, mask=out_mask, other=0.0)
@@ -52,12 +60,14 @@ def ln_post_statistics(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2
                        INTERPRET: tl.constexpr):
     """ln_post's per-token mean and 1/std over the C channels (two sweeps: mean, centred variance)."""
     cg = C // GROUPS
+    tl.assume(GROUPS > 0)
+    tl.assume(cg > 0)
     mean = tl.zeros((BN,), dtype=tl.float32)
     for group in range(GROUPS):
         for o0 in range(0, cg, BO):
             local = o0 + tl.arange(0, BO)
             u = bn2_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows, row_mask,
-                           group, local, local < cg, N, C, H, GROUPS, BH, INTERPRET)
+                           group, local, local < cg, N, C, H, GROUPS, BN, BO, BH, INTERPRET)
             mean += tl.sum(u, 1)
     mean = mean / C
     var = tl.zeros((BN,), dtype=tl.float32)
@@ -66,7 +76,7 @@ def ln_post_statistics(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2
             local = o0 + tl.arange(0, BO)
             local_mask = local < cg
             u = bn2_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows, row_mask,
-                           group, local, local_mask, N, C, H, GROUPS, BH, INTERPRET)
+                           group, local, local_mask, N, C, H, GROUPS, BN, BO, BH, INTERPRET)
             centred = tl.where(local_mask[None, :], u - mean[:, None], 0.0)
             var += tl.sum(centred * centred, 1)
     return mean, 1.0 / tl.sqrt(var / C + ln_eps)
@@ -82,6 +92,8 @@ def output_pass_kernel(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2
     rows = nb * BN + tl.arange(0, BN)
     row_mask = rows < N
     cg = C // GROUPS
+    tl.assume(GROUPS > 0)
+    tl.assume(cg > 0)
     if USE_LN:
         mean, rstd = ln_post_statistics(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows,
                                         row_mask, N, C, H, GROUPS, ln_eps, BN, BO, BH, INTERPRET)
@@ -91,7 +103,7 @@ def output_pass_kernel(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2
             local = o0 + tl.arange(0, BO)
             local_mask = local < cg
             u = bn2_output(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, scale2_ptr, shift2_ptr, f, rows, row_mask,
-                           group, local, local_mask, N, C, H, GROUPS, BH, INTERPRET)
+                           group, local, local_mask, N, C, H, GROUPS, BN, BO, BH, INTERPRET)
             outs = group * cg + local
             if USE_LN:
                 lnw = tl.load(lnw_ptr + outs, mask=local_mask, other=0.0).to(tl.float32)
@@ -111,7 +123,8 @@ def output_pass_launch(frames, shape: Shape, dtype, arch, use_ln) -> Launch:
                   bytes_read=frames * tokens * hidden * 4 + dim * (hidden // groups + 4) * itemsize,
                   reread_factor=sweeps * triton.cdiv(dim // groups, bo),  # z tile per output block
                   writes={"o": ((frames, tokens, dim), itemsize)},
-                  flops=2 * frames * tokens * dim * hidden // groups * sweeps)
+                  flops=2 * frames * tokens * dim * hidden // groups * sweeps,
+                  split_flops=2 * frames * tokens * dim * hidden // groups * sweeps)  # float32 operands
 
 
 def run_output_pass(launch: Launch, z, bn1_affine, bn2_affine, p, hyper, dim, out_dtype, interpret):
