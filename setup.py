@@ -113,7 +113,7 @@ if __name__ == "__main__":  # pip runs setup.py as __main__; tests import the he
         install_requires=["torch>=2.6", "numpy"],
         extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["matplotlib"],
                         "models": ["timm>=1.0", "h5py", "safetensors", "tqdm", "pillow"]},
-        package_data={"dgsct_kernels": ["measured_winners.json"]},
+        package_data={"dgsct_kernels": ["measured_winners.json", "compile_status.json"]},
         ext_modules=[CMakeExtension("dgsct_kernels._C")],
         cmdclass={"build_ext": CMakeBuild},
         zip_safe=False,
