@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, matmul, prompt_probabilities, x1_columns
+from .common import interpreting, matmul, prompt_probabilities, x1_columns, x1_times_weight
 from .plan import Launch
 from .tiling import Shape, latents_block, tiles
 
@@ -80,25 +80,6 @@ def _load_rows(ptr, f, rows, row_mask, N, width, cols, col_mask):
     """ptr[f, rows, cols] of a [F, N, width] tensor as float32, 0 outside the masks."""
     return tl.load(ptr + (f * N + rows)[:, None] * width + cols[None, :],
                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _x1_product(x_frame, r_frame, probs, gate_av, gain_frame, w_ptr, rows, row_mask, outs, out_mask, C, K,
-                BN: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, KP: tl.constexpr,
-                CHANNEL_GAIN: tl.constexpr, INTERPRET: tl.constexpr):
-    """x1 W[outs]^T, or xc W[outs]^T (xc = x1 (1 + ch)) if CHANNEL_GAIN: [BN, BO] float32."""
-    acc = tl.zeros((BN, BO), dtype=tl.float32)
-    for c0 in range(0, C, BK):
-        cols = c0 + tl.arange(0, BK)
-        col_mask = cols < C
-        x1 = x1_columns(x_frame, r_frame, probs, gate_av, rows, row_mask, cols, col_mask, C, K,
-                        KP, tl.float32, INTERPRET)
-        if CHANNEL_GAIN:
-            x1 = x1 * (1.0 + tl.load(gain_frame + cols, mask=col_mask, other=0.0))[None, :]
-        w = tl.load(w_ptr + outs[:, None] * C + cols[None, :],
-                    mask=out_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += matmul(x1, tl.trans(w), tl.float32, INTERPRET)
-    return acc
 
 
 @triton.jit
@@ -126,8 +107,8 @@ def attention_masks_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, w2_ptr, b2_ptr, w1
     for o0 in range(0, HALF, BO):
         outs = o0 + tl.arange(0, BO)
         out_mask = outs < HALF
-        pre = _x1_product(x_frame, r_frame, probs, gate_av, ch_frame, w2_ptr, rows, row_mask, outs, out_mask,
-                          C, K, BN, BK, BO, KP, True, INTERPRET)
+        pre = x1_times_weight(x_frame, r_frame, probs, gate_av, ch_frame, w2_ptr, rows, row_mask, outs, out_mask,
+                          C, K, BN, BK, BO, KP, True, tl.float32, INTERPRET)
         pre += tl.load(b2_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)[None, :]
         mask = row_mask[:, None] & out_mask[None, :]
         tl.store(mask2_ptr + (f * N + rows)[:, None] * HALF + outs[None, :], (pre > 0.0).to(tl.int8), mask=mask)
@@ -138,8 +119,8 @@ def attention_masks_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, w2_ptr, b2_ptr, w1
     for o0 in range(0, C, BO):
         outs = o0 + tl.arange(0, BO)
         out_mask = outs < C
-        pre = _x1_product(x_frame, r_frame, probs, gate_av, ch_frame, w1_ptr, rows, row_mask, outs, out_mask,
-                          C, K, BN, BK, BO, KP, False, INTERPRET)
+        pre = x1_times_weight(x_frame, r_frame, probs, gate_av, ch_frame, w1_ptr, rows, row_mask, outs, out_mask,
+                          C, K, BN, BK, BO, KP, False, tl.float32, INTERPRET)
         pre += tl.load(b1_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)[None, :]
         mask = row_mask[:, None] & out_mask[None, :]
         tl.store(mask1_ptr + (f * N + rows)[:, None] * C + outs[None, :], (pre > 0.0).to(tl.int8), mask=mask)

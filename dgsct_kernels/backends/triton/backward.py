@@ -11,7 +11,7 @@ forward's. The gradient then runs in two stages, in float32:
   front  dz -> dx. One fused Triton pass (modulation_backward_pass.py) recomputes x1
          and the modulation, takes dy = dz W_down through ln_before and the modulation,
          reduces d scale on chip (per token for ds, per frame for dch and dtg), and
-         writes x1, y and dx1. Then the spatial, channel and prompt attention in Triton
+         writes y and dx1. Then the spatial, channel and prompt attention in Triton
          passes (attention_backward_pass.py: relu masks as int8, dx1 updated in place,
          per-frame sums as per-block partials, W_video_1/2 gradients as split-K
          reductions), with only their [F, C]-sized steps (d s, the channel MLP) in
@@ -112,10 +112,10 @@ def backward(state, grads: Sequence[Tensor], x: Tensor, g: Tensor,
     del pre1, d_h
 
     # ---- front: the down projection, ln_before and the modulation, fused
-    # (modulation_backward_pass); it writes x1, y and dx1, the operands of what follows
+    # (modulation_backward_pass); it writes y and dx1, the operands of what follows
     prompts, ch, qa1, qa2, tg, s = state.prompts, state.ch, state.qa1, state.qa2, state.tg, state.s
     launch = modulation_backward_launch(frames, shape, x.dtype, arch, params["ln_before.weight"] is not None)
-    x1, y, d_x1, scale_row_sums, scale_frame_sums, d_ln_weight, d_ln_bias = run_modulation_backward(
+    y, d_x1, scale_row_sums, scale_frame_sums, d_ln_weight, d_ln_bias = run_modulation_backward(
         launch, x.contiguous(), prompts, ch, tg, s, d_z, params, hyper, dot_dtype(x.dtype), interpreting())
     out["down_sampler.weight"] = _grouped_weight_grad(d_z, y, p["down_sampler.weight"])
     del y, d_z
@@ -132,7 +132,6 @@ def backward(state, grads: Sequence[Tensor], x: Tensor, g: Tensor,
     spatial_map = tanh_s.softmax(-1)
     d_tanh = spatial_map * (grad_map - (spatial_map * grad_map).sum(-1, keepdim=True))
     d_s = (d_sp_sigmoid * sp_sigmoid * (1 - sp_sigmoid) + d_tanh * (1 - tanh_s * tanh_s)).contiguous()
-    del x1  # the passes recompute x1 from x and the prompt probabilities
     interpret = interpreting()
     launches = attention_backward_launches(frames, shape, x.dtype, arch)
     x = x.contiguous()

@@ -7,9 +7,9 @@ for its two per-token sums over C) and splits d xm into
   dx1 = d xm * scale            written, [F, N, C] float32
   d scale = d xm * x1           reduced on chip: per token over C (for d sigmoid(s)),
                                 per block over tokens (for d ch and d tg)
-It also writes x1 and y = ln_before(xm), the operands of the weight gradients that follow
-in cuBLAS (W_video_1, W_video_2, the down projection); per-block column sums give the
-ln_before gradients.
+It also writes y = ln_before(xm), the operand of the down projection's weight gradient
+in cuBLAS; per-block column sums give the ln_before gradients. (x1 is not written: the
+attention passes recompute it from x and the prompt probabilities.)
 """
 import torch
 import triton
@@ -47,7 +47,7 @@ def _down_projection_grad(dz_ptr, wd_ptr, f, rows, row_mask, group, local, local
 
 @triton.jit
 def modulation_backward_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, tg_ptr, s_ptr, lnw_ptr, lnb_ptr, wd_ptr,
-                               dz_ptr, x1_ptr, y_ptr, dx1_ptr, row_sum_ptr, sums_ptr,
+                               dz_ptr, y_ptr, dx1_ptr, row_sum_ptr, sums_ptr,
                                N, C, K, H, GROUPS, token_blocks, alpha, beta, gamma, ln_eps,
                                BN: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, KP: tl.constexpr,
                                USE_LN: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr):
@@ -117,7 +117,6 @@ def modulation_backward_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, tg_ptr, s_ptr,
             d_xm = tl.where(mask, d_xm, 0.0)
             d_scale = d_xm * x1
             offsets = (f * N + rows)[:, None] * C + cols[None, :]
-            tl.store(x1_ptr + offsets, x1, mask=mask)
             tl.store(y_ptr + offsets, y, mask=mask)
             tl.store(dx1_ptr + offsets, d_xm * scale, mask=mask)
             row_sum += tl.sum(d_scale, 1)
@@ -140,7 +139,7 @@ def modulation_backward_launch(frames, shape: Shape, dtype, arch, use_ln) -> Lau
         bytes_read=frames * tokens * (dim * itemsize + hidden * 4) + hidden * dim // groups * itemsize
         + frames * (latents + 1) * dim * 4,  # x, dz, W_down, R and ch
         reread_factor=x_sweeps,
-        writes={"x1": ((frames, tokens, dim), 4), "y": ((frames, tokens, dim), 4),
+        writes={"y": ((frames, tokens, dim), 4),
                 "dx1": ((frames, tokens, dim), 4), "row_sums": ((frames, tokens), 4),
                 "sums": ((frames, token_blocks, SUMS, dim), 4)},
         host_read=frames * token_blocks * SUMS * dim * 4 + frames * tokens * 4,
@@ -149,14 +148,14 @@ def modulation_backward_launch(frames, shape: Shape, dtype, arch, use_ln) -> Lau
 
 
 def run_modulation_backward(launch: Launch, x, prompts, ch, tg, s, d_z, p, hyper, dot_dtype, interpret):
-    """x1, y, dx1 ([F, N, C] float32), the per-token sums of d scale over C [F, N], and
+    """y, dx1 ([F, N, C] float32), the per-token sums of d scale over C [F, N], and
     the per-channel sums (d scale over each frame's tokens [F, C]; ln_before's weight and
     bias gradients over all tokens [C])."""
     frames, tokens, dim = x.shape
     hidden = d_z.shape[-1]
     groups = dim // p["down_sampler.weight"].shape[1]
     token_blocks = launch.grid[1]
-    x1, y, d_x1 = (torch.empty(frames, tokens, dim, device=x.device, dtype=torch.float32) for _ in range(3))
+    y, d_x1 = (torch.empty(frames, tokens, dim, device=x.device, dtype=torch.float32) for _ in range(2))
     row_sums = torch.empty(frames, tokens, device=x.device, dtype=torch.float32)
     sums = torch.empty(frames, token_blocks, SUMS, dim, device=x.device, dtype=torch.float32)
     use_ln = p["ln_before.weight"] is not None
@@ -164,10 +163,10 @@ def run_modulation_backward(launch: Launch, x, prompts, ch, tg, s, d_z, p, hyper
     lnb = p["ln_before.bias"] if use_ln else ch
     modulation_backward_kernel[launch.grid](
         x, prompts, p["gate_av"], ch, tg, s.contiguous(), lnw, lnb, p["down_sampler.weight"], d_z.contiguous(),
-        x1, y, d_x1, row_sums, sums, tokens, dim, prompts.shape[1], hidden, groups, token_blocks,
+        y, d_x1, row_sums, sums, tokens, dim, prompts.shape[1], hidden, groups, token_blocks,
         hyper.alpha, hyper.beta, hyper.gamma, hyper.ln_before_eps,
         KP=latents_block(prompts.shape[1]), USE_LN=use_ln, DOT=dot_dtype, INTERPRET=interpret,
         **launch.tiles)
     frame_sums = sums[:, :, 0].sum(1)
     ln_sums = sums[:, :, 1:].sum((0, 1))
-    return x1, y, d_x1, row_sums, frame_sums, ln_sums[0].clone(), ln_sums[1].clone()
+    return y, d_x1, row_sums, frame_sums, ln_sums[0].clone(), ln_sums[1].clone()
