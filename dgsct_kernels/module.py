@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,66 @@ from .config import Dims, Hyper, check_dims
 from .functional import DGSCTOutput, apply_dgsct
 
 TEMPORAL_GATE_KEYS = ("temporal_gated.0.weight", "temporal_gated.0.bias")
+
+
+def check_state_dict(module: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True,
+                     may_miss: Sequence[str] = (),
+                     what: str = "load_state_dict") -> None:
+    """Raise `RuntimeError` if `module.load_state_dict(state_dict, strict)` would fail.
+
+    It names every problem torch's loader would hit part-way through its copies: missing
+    and unexpected keys (when `strict`; `may_miss` may be absent, but only all together),
+    values that are not tensors and shape mismatches (always). Checking first is what
+    makes a load all or nothing. Like torch, a state dict without version metadata may
+    omit BatchNorm's `num_batches_tracked` (torch keeps the module's own counter).
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{what}: state_dict is {type(state_dict).__name__}, expected a "
+                        "mapping of names to tensors")
+    expected = module.state_dict(keep_vars=True)
+    versions = getattr(state_dict, "_metadata", None) or {}
+    counter_optional = {  # torch fills these in for state dicts older than BatchNorm version 2
+        f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+        for name, layer in module.named_modules()
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats
+        and (versions.get(name, {}).get("version") or 0) < 2}
+    absent = [k for k in expected if k not in state_dict and k not in counter_optional]
+    lines = []
+    if strict:
+        missing = [k for k in absent if k not in may_miss]
+        unexpected = sorted(set(state_dict) - set(expected))
+        gap = [k for k in may_miss if k in absent]
+        if gap and len(gap) < len(may_miss):  # half a layer is a damaged state dict
+            missing += gap
+        if missing:
+            lines.append(f"missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        if gap and len(gap) < len(may_miss):
+            lines.append(f"{list(may_miss)} may be absent only all together")
+    not_tensors, mismatched = [], []
+    for key, target in expected.items():
+        if key not in state_dict:
+            continue
+        value = state_dict[key]
+        if not torch.overrides.is_tensor_like(value):
+            not_tensors.append(f"{key} ({type(value).__name__})")
+            continue
+        # torch's compatibility rule: a 0-dim tensor loads from a 1-element 1-dim one
+        fits = (value.shape == target.shape
+                or (target.dim() == 0 and tuple(value.shape) == (1,)))
+        if not fits:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs module "
+                              f"{tuple(target.shape)}")
+        elif getattr(value, "is_meta", False) and not target.is_meta:
+            not_tensors.append(f"{key} (a meta tensor, which holds no values)")
+    if not_tensors:
+        lines.append(f"values that are not loadable tensors ({len(not_tensors)}): {not_tensors}")
+    if mismatched:
+        lines.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
+    if lines:
+        raise RuntimeError(f"{what} for {type(module).__name__}: nothing was copied, "
+                           "refusing a partial load\n  " + "\n  ".join(lines))
 
 
 class FusedDGSCT(nn.Module):
@@ -81,20 +141,31 @@ class FusedDGSCT(nn.Module):
         return apply_dgsct(x, g, self.op_params(), self.hyper(), segments=self.segments,
                    training=self.training, momentum=momentum, backend=self.backend)
 
+    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True,
+                        assign: bool = False):
+        """`nn.Module.load_state_dict`, all or nothing.
+
+        torch copies every fitting tensor before it raises on a shape mismatch, leaving a
+        half-loaded module. Here the key set (when `strict`), every value's type and every
+        shape are checked first; any problem raises `RuntimeError` naming the keys and
+        shapes, with nothing copied. A shape mismatch refuses even when `strict=False`, as
+        torch's does. Returns torch's `(missing_keys, unexpected_keys)`.
+        """
+        check_state_dict(self, state_dict, strict=strict, what="load_state_dict")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def load_authors_state_dict(self, state_dict: Mapping[str, Tensor]):
         """Load a state dict of the authors' module, with or without `temporal_gated.*`.
 
         The authors' AVE/AVVP/AVS/AVQA code has no temporal gate (its gamma is 0); such
         a state dict loads here with the gate left at its initial values, and the
         returned keys list exactly those two as missing. Any other missing or
-        unexpected key raises, as `load_state_dict(strict=True)` would.
+        unexpected key, only one of the two gate keys, or a shape mismatch raises
+        `RuntimeError` naming them, before anything is copied.
         """
-        result = self.load_state_dict(state_dict, strict=False)
-        missing = [k for k in result.missing_keys if k not in TEMPORAL_GATE_KEYS]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(f"load_authors_state_dict: missing keys {missing}, unexpected "
-                               f"keys {result.unexpected_keys} (only {list(TEMPORAL_GATE_KEYS)} "
-                               "may be missing)")
+        check_state_dict(self, state_dict, strict=True, may_miss=TEMPORAL_GATE_KEYS,
+                         what="load_authors_state_dict")
+        result = super().load_state_dict(state_dict, strict=False)
         if result.missing_keys and self.gamma != 0:
             warnings.warn(f"the state dict has no temporal_gated layer, as the authors' gamma=0 "
                           f"code; this module uses gamma={self.gamma}, so its untrained temporal "

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from ..module import check_state_dict
 from .two_stream import TwoStreamEncoder, pool_tokens
 
 if TYPE_CHECKING:
@@ -46,6 +47,14 @@ class AVEModel(nn.Module):
                             "audio_adapter_blocks_p2", "vis_adapter_blocks_p2")}
         out["head"] = self.head
         return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict` of the whole model, all or nothing: keys (when
+        `strict`), value types and shapes are checked before anything is copied, and a
+        problem raises `RuntimeError` naming them (torch copies what fits, then raises).
+        The trainable part alone loads with `load_trainable`."""
+        check_state_dict(self, state_dict, strict=strict, what="load_state_dict")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _check_inputs(self, frames: Tensor, audio: Tensor) -> None:
         s, t, n = self.image_size, self.segments, self.segment_samples

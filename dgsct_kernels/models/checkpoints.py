@@ -2,7 +2,9 @@
 (safetensors) and the encoders' files.
 
 Every loader checks the whole key set and every shape before it copies anything, and
-raises naming each missing or unexpected key, so a load is complete or does not happen.
+raises `CheckpointError` naming each missing or unexpected key, so a load is complete or
+does not happen. A file that cannot be read (truncated, corrupted, not a checkpoint) raises
+`CheckpointError` naming the file, chained to the reader's own error.
 
 The authors' AVE checkpoint is `torch.save(model.state_dict())` of their whole model:
   audio_adapter_blocks_p1/p2.<i>.*, vis_adapter_blocks_p1/p2.<i>.*  (i = paired block)
@@ -56,7 +58,31 @@ class LoadReport:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint does not match the model (missing, unexpected or mis-shaped keys)."""
+    """A checkpoint cannot be read, or does not match the model (missing, unexpected or
+    mis-shaped keys); raised before anything is copied."""
+
+
+def _describe(source: PathOrState) -> str:
+    return "(dict)" if isinstance(source, Mapping) else repr(os.fspath(source))
+
+
+def _unreadable(what: str, kind: str, err: Exception) -> CheckpointError:
+    text = str(err)
+    if "WeightsUnpickler error:" in text:  # torch's long weights_only message: keep the cause
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    reason = " ".join(text.split())[:300] or "(no message: the file ends early or is empty)"
+    hint = ""
+    if "Unsupported global" in reason:
+        hint = ("; it holds Python objects besides tensors: if you trust the file, read it with "
+                "torch.load(path, weights_only=False) and pass the state dict instead")
+    return CheckpointError(f"{what}: cannot be read as {kind} (truncated, corrupted or another "
+                           f"format?): {type(err).__name__}: {reason}{hint}")
+
+
+def _check_tensors(state: Mapping, what: str) -> None:
+    bad = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"{what}: non-tensor entries ({len(bad)}): {bad[:10]}")
 
 
 def _fail(what: str, missing=(), unexpected=(), shapes=()) -> None:
@@ -75,7 +101,12 @@ def _read_torch(source: PathOrState, what: str) -> dict[str, Tensor]:
     if isinstance(source, Mapping):
         state = dict(source)
     else:
-        state = torch.load(os.fspath(source), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(os.fspath(source), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # torch raises many types for a damaged file
+            raise _unreadable(what, "a torch checkpoint", err) from err
     for wrapper in ("state_dict", "model"):  # {"state_dict": {...}} and similar wrappers
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
@@ -83,9 +114,7 @@ def _read_torch(source: PathOrState, what: str) -> dict[str, Tensor]:
         raise CheckpointError(f"{what}: expected a state dict, got {type(state).__name__}")
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
         state = {k[len("module."):]: v for k, v in state.items()}
-    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointError(f"{what}: non-tensor entries {bad[:10]}")
+    _check_tensors(state, what)
     return dict(state)
 
 
@@ -137,25 +166,41 @@ def save_trainable(model: nn.Module, path: str | os.PathLike,
 
 
 def load_trainable(model: nn.Module, source: PathOrState) -> LoadReport:
-    """Load a trainable-part file (or dict) written by `save_trainable`; strict."""
-    what = f"trainable part {source if not isinstance(source, Mapping) else '(dict)'}"
-    if isinstance(source, Mapping):
-        state = dict(source)
-    else:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+    """Load a trainable-part file (or dict) written by `save_trainable`, all or nothing.
 
-        with safe_open(os.fspath(source), framework="pt") as f:
-            fmt = (f.metadata() or {}).get("format")
-        if fmt != TRAINABLE_FORMAT:
-            raise CheckpointError(f"{what}: metadata format {fmt!r}, expected "
-                                  f"{TRAINABLE_FORMAT!r} (a file from save_trainable)")
-        state = load_file(os.fspath(source))
+    A damaged file, a file not from `save_trainable`, and any missing, unexpected or
+    mis-shaped key raise `CheckpointError` naming the file or the keys, before anything
+    is copied."""
+    what = f"trainable part {_describe(source)}"
+    state = dict(source) if isinstance(source, Mapping) else _read_trainable_file(source, what)
+    _check_tensors(state, what)
     expected = trainable_state_dict(model)
     _fail(what, missing=set(expected) - set(state), unexpected=set(state) - set(expected),
           shapes=_check_shapes(expected, state, {k: k for k in state if k in expected}))
     _copy_into(model, state)
     return LoadReport(loaded=len(state))
+
+
+def _read_trainable_file(path: str | os.PathLike, what: str) -> dict[str, Tensor]:
+    """Every tensor of a save_trainable file; a damaged or foreign file raises naming it."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no such file")
+    try:
+        # safe_open checks the header and that the data it describes is all there
+        with safe_open(path, framework="pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+            if fmt != TRAINABLE_FORMAT:
+                raise CheckpointError(
+                    f"{what}: metadata format {fmt!r}: a safetensors file without the metadata "
+                    f"format={TRAINABLE_FORMAT!r} is not from save_trainable")
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except CheckpointError:
+        raise
+    except Exception as err:  # safetensors' own error type, OSError, ...
+        raise _unreadable(what, "safetensors", err) from err
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,7 +239,7 @@ def load_authors_checkpoint(model: nn.Module, source: PathOrState, *,
     unknown key, any missing key except an absent `temporal_gated` layer, and any shape
     mismatch raises before anything is copied.
     """
-    what = f"authors' checkpoint {source if not isinstance(source, Mapping) else '(dict)'}"
+    what = f"authors' checkpoint {_describe(source)}"
     state = _read_torch(source, what)
     to_authors = authors_key_map(model)
     from_authors = {v: k for k, v in to_authors.items()}
@@ -241,11 +286,21 @@ def _load_authors_encoders(model: nn.Module, state: Mapping[str, Tensor], what: 
 
     visual = model.encoder.visual
     swin = {k[len("swin."):]: v for k, v in state.items() if k.startswith("swin.")}
-    swin = checkpoint_filter_fn(swin, visual)
+    try:
+        swin = checkpoint_filter_fn(swin, visual)
+    except Exception as err:  # timm's layout conversion fails on damaged keys or shapes
+        raise CheckpointError(f"{what} swin.*: timm cannot convert it to Swin-V2's layout: "
+                              f"{type(err).__name__}: {err}") from err
     swin = {k: v for k, v in swin.items() if not k.startswith("head.")}
-    load_strict(visual, swin, f"{what} swin.*")
+    # the visual part is checked first, the audio loader checks before it copies, and only
+    # then the checked visual part loads: a refusal anywhere leaves both encoders untouched
+    _check_strict(visual, swin, f"{what} swin.*")
     htsat = {k[len("htsat."):]: v for k, v in state.items() if k.startswith("htsat.")}
-    load_htsat_checkpoint(model.encoder.audio, htsat)
+    try:
+        load_htsat_checkpoint(model.encoder.audio, htsat)
+    except (RuntimeError, TypeError) as err:
+        raise CheckpointError(f"{what} htsat.*: {err}") from err
+    visual.load_state_dict(swin, strict=True)
 
 
 def load_strict(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
@@ -253,10 +308,15 @@ def load_strict(module: nn.Module, state: Mapping[str, Tensor], what: str) -> No
 
     Non-persistent buffers the module rebuilds itself are not expected in `state`.
     """
+    _check_strict(module, state, what)
+    module.load_state_dict(state, strict=True)
+
+
+def _check_strict(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+    _check_tensors(state, what)
     expected = module.state_dict()
     _fail(what, missing=set(expected) - set(state), unexpected=set(state) - set(expected),
           shapes=_check_shapes(expected, state, {k: k for k in state if k in expected}))
-    module.load_state_dict(state, strict=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,13 +337,14 @@ def _is_trainable_file(path: str) -> bool:
 
 
 def load_dgsct(model: nn.Module, path: str | os.PathLike) -> LoadReport:
-    """A trainable-part safetensors file or the authors' task checkpoint, by content."""
+    """A trainable-part safetensors file or the authors' task checkpoint, by content.
+
+    A `.safetensors` name goes to the trainable-part reader even when its header is
+    unreadable, so a damaged file is reported as damaged, not as a torch checkpoint.
+    """
     path = os.fspath(path)
-    if _is_trainable_file(path):
+    if _is_trainable_file(path) or path.endswith(".safetensors"):
         return load_trainable(model, path)
-    if path.endswith(".safetensors"):
-        raise CheckpointError(f"{path}: a safetensors file without the metadata "
-                              f"format={TRAINABLE_FORMAT!r}; expected a file from save_trainable")
     return load_authors_checkpoint(model, path)
 
 

@@ -14,11 +14,14 @@ ready model. `weights` is one of
                 trainable-part .safetensors file written by `save_trainable` (DG-SCT
                 modules, head, and the encoders' BatchNorm statistics).
 Every loader is strict: missing or unexpected keys raise, naming them. What each loader
-did is left on the model as `model.weights_report`.
+did is left on the model as `model.weights_report`. A preset whose encoders are meant to be
+pretrained (`pretrained_encoders`, the paper's) warns when built without "visual" / "audio"
+weights: its encoders would be random, and its results meaningless.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -72,6 +75,8 @@ class ModelPreset:
     audio: dict = field(default_factory=dict)  # HTSAT arguments
     head: dict = field(default_factory=dict)  # head arguments
     train: dict = field(default_factory=dict)  # python/train_ave.py defaults
+    # the encoders are meant to be loaded from pretrained weights; build_dgsct warns without
+    pretrained_encoders: bool = False
 
 
 # The paper: Swin-V2-L at 192 px, HTS-AT (AudioSet) on 1 s at 32 kHz tiled to 10 s.
@@ -84,6 +89,7 @@ PAPER = ModelPreset(
     head={"visual_dim": 1536, "audio_dim": 768},
     train={"batch_size": 8, "accum_steps": 2, "lr": 5e-4, "decay": 0.35, "decay_epochs": 3,
            "epochs": 50, "early_stop": 20, "seed": 43, "num_workers": 16},
+    pretrained_encoders=True,
 )
 
 # A CPU-sized model with the same structure: four stages each, a 6-vs-2 stage so the
@@ -141,6 +147,23 @@ def normalize_weights(weights: WeightsArg) -> dict[str, str]:
     return out
 
 
+def random_encoders_warning(spec: ModelPreset, files: Mapping[str, str]) -> str | None:
+    """The warning for a preset built without the pretrained encoder weights it is meant to
+    have (None when there is nothing to warn about)."""
+    if not spec.pretrained_encoders:
+        return None
+    random = [kind for kind in ("visual", "audio") if kind not in files]
+    if not random:
+        return None
+    plural = len(random) > 1
+    return (f"build_dgsct(preset={spec.name!r}): no weights for the {' and '.join(random)} "
+            f"encoder{'s' if plural else ''}, so {'they are' if plural else 'it is'} randomly "
+            "initialised (frozen random encoders cannot give the paper's results). Pass the "
+            "pretrained files as weights={'visual': <timm Swin-V2 weights>, 'audio': <HTS-AT "
+            ".ckpt>}, or load an authors' checkpoint's encoders afterwards with "
+            "load_authors_checkpoint(model, path, encoders=True).")
+
+
 def build_dgsct(task: str = "ave", preset: str | ModelPreset = "paper",
                 weights: WeightsArg = None, backend: str = "auto", *,
                 encoders_eval: bool = False, encoder_seed: int = 0):
@@ -148,7 +171,8 @@ def build_dgsct(task: str = "ave", preset: str | ModelPreset = "paper",
 
     `backend` goes to every FusedDGSCT. `encoders_eval=True` keeps the frozen encoders in
     eval mode during training (the authors leave them in train mode). Encoders are built
-    under `encoder_seed` without touching the global RNG.
+    under `encoder_seed` without touching the global RNG. A preset meant for pretrained
+    encoders (the paper's) warns (`UserWarning`) when `weights` lacks "visual" or "audio".
     """
     from . import checkpoints
     from .ave import AVEModel
@@ -162,6 +186,9 @@ def build_dgsct(task: str = "ave", preset: str | ModelPreset = "paper",
                                   f"not yet; built tasks: {list(BUILT_TASKS)}")
     spec = get_preset(preset)
     files = normalize_weights(weights)
+    warning = random_encoders_warning(spec, files)
+    if warning:
+        warnings.warn(warning, UserWarning, stacklevel=2)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
         torch.default_generator.manual_seed(encoder_seed)
         visual_args = dict(spec.visual)
