@@ -6,7 +6,7 @@ valid inputs and every entry point raises the same clear errors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional
+from typing import Iterable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -144,8 +144,10 @@ def dims_from_params(params: Mapping[str, Optional[Tensor]]) -> Dims:
                 groups=C // down.shape[1])
 
 
-def check_params(params: Mapping[str, Optional[Tensor]], d: Dims, like: Tensor) -> None:
-    """Every parameter present has SPEC.md's shape and x's dtype and device."""
+def check_params(params: Mapping[str, Optional[Tensor]], d: Dims, like: Tensor,
+                 autocast: Optional[torch.dtype] = None) -> None:
+    """Every parameter present has SPEC.md's shape and x's device, and x's dtype unless an
+    autocast region casts them all (`autocast`, from `autocast_dtype`)."""
     shapes = expected_shapes(d)
     for name in OP_PARAM_NAMES:
         if name not in params or params[name] is None:
@@ -155,9 +157,10 @@ def check_params(params: Mapping[str, Optional[Tensor]], d: Dims, like: Tensor) 
         p = params[name]
         if tuple(p.shape) != shapes[name]:
             raise ValueError(f"params[{name!r}]: expected shape {shapes[name]}, got {tuple(p.shape)}")
-        if p.dtype != like.dtype:
+        if autocast is None and p.dtype != like.dtype:
             raise TypeError(f"params[{name!r}]: dtype {p.dtype} differs from x's dtype {like.dtype}; "
-                            "cast the module (module.to(dtype)) or the inputs so they match")
+                            "cast the module (module.to(dtype)) or the inputs so they match, "
+                            "or run under torch.autocast")
         if p.device != like.device:
             raise ValueError(f"params[{name!r}]: on device {p.device} but x is on {like.device}")
     for group, names in OPTIONAL_GROUPS.items():
@@ -170,8 +173,10 @@ def check_params(params: Mapping[str, Optional[Tensor]], d: Dims, like: Tensor) 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def check_inputs(x: Tensor, g: Tensor, d: Dims, segments: int) -> None:
-    """Shape, dtype and device checks for one call, naming the argument that is wrong."""
+def check_inputs(x: Tensor, g: Tensor, d: Dims, segments: int, training: bool = False,
+                 autocast: Optional[torch.dtype] = None) -> None:
+    """Shape, dtype and device checks for one call, naming the argument that is wrong.
+    Under autocast (`autocast`, from `autocast_dtype`) x and g may differ in dtype."""
     if not isinstance(x, Tensor) or not isinstance(g, Tensor):
         raise TypeError(f"x and g must be tensors, got {type(x).__name__} and {type(g).__name__}")
     if x.dim() != 3:
@@ -189,15 +194,44 @@ def check_inputs(x: Tensor, g: Tensor, d: Dims, segments: int) -> None:
     if g.shape[1] != d.guide_tokens or g.shape[2] != d.guide_dim:
         raise ValueError(f"g: expected [F, M={d.guide_tokens}, D={d.guide_dim}] (guide_tokens, "
                          f"guide_dim of the module), got shape {tuple(g.shape)}")
-    if x.shape[0] == 0 or x.shape[0] % segments:
+    if x.shape[0] % segments:
         raise ValueError(f"x: frame count F={x.shape[0]} (shape {tuple(x.shape)}) must be a "
-                         f"positive multiple of segments={segments}")
+                         f"multiple of segments={segments}")
+    if x.shape[0] == 0 and training:
+        raise ValueError(f"x: frame count F=0 (shape {tuple(x.shape)}) in training mode; "
+                         "BatchNorm and the temporal gate need at least one clip (eval accepts "
+                         "an empty batch)")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x: dtype {x.dtype} not supported; expected one of {list(_FLOAT_DTYPES)}")
-    if g.dtype != x.dtype:
-        raise TypeError(f"g: dtype {g.dtype} differs from x's dtype {x.dtype}; expected the same dtype")
+    if autocast is None and g.dtype != x.dtype:
+        raise TypeError(f"g: dtype {g.dtype} differs from x's dtype {x.dtype}; expected the same "
+                        "dtype, or run under torch.autocast")
     if g.device != x.device:
         raise ValueError(f"g: on device {g.device} but x is on {x.device}; expected the same device")
+
+
+AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def autocast_dtype(x: Tensor, tensors: Iterable[Optional[Tensor]]) -> Optional[torch.dtype]:
+    """The dtype an enabled autocast region runs this call in, or None.
+
+    Autocast applies when it is on for x's device and x and every other tensor given
+    (g, the parameters) is float32, bfloat16 or float16: they are all cast to the region's
+    dtype once. Like torch's own autocast it leaves float64 alone, so a call with any
+    float64 tensor keeps the explicit dtype contract.
+    """
+    if not isinstance(x, Tensor):  # check_inputs names the wrong argument
+        return None
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    if x.dtype not in AUTOCAST_ELIGIBLE:
+        return None
+    for t in tensors:
+        if isinstance(t, Tensor) and t.dtype not in AUTOCAST_ELIGIBLE:
+            return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

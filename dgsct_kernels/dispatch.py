@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Mapping, Optional, Sequence
+from typing import Callable, ClassVar, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,8 +39,10 @@ class Problem:
     use_bn: bool
 
     @staticmethod
-    def of(x: Tensor, dims: Dims, training: bool, use_bn: bool) -> "Problem":
-        return Problem(x.device.type, x.dtype, dims, x.shape[0], training, use_bn)
+    def of(x: Tensor, dims: Dims, training: bool, use_bn: bool,
+           dtype: Optional[torch.dtype] = None) -> "Problem":
+        """`dtype`: the dtype the call computes in when it differs from x's (autocast)."""
+        return Problem(x.device.type, dtype or x.dtype, dims, x.shape[0], training, use_bn)
 
 
 class Backend(abc.ABC):
@@ -157,21 +159,31 @@ def requested_backend(argument: str = AUTO) -> tuple[str, str]:
 
 
 _announced: set[tuple] = set()
+# Two threads making the first call of a kind at once would both pass the membership test
+# and log twice; the check-and-add happens under this lock (the fast path stays lock-free).
+_announced_lock = threading.Lock()
 
 
 def announce(name: str, device_type: str, dtype: torch.dtype, training: bool,
-             message: Optional[str] = None) -> None:
+             message: Optional[Callable[[], str]] = None) -> None:
     """Log once per (backend, device, dtype, mode) which backend ran.
 
     `resolve` announces with its reasons in eager mode; under torch.compile it cannot
     log while tracing, so the op announces when it runs (whichever comes first wins).
+    `message` is built only when logged: formatting F while tracing would specialise a
+    dynamic batch size.
     """
-    key = (name, device_type, dtype, training)
-    if key in _announced or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # first: a look into the set would become a guard
         return
-    _announced.add(key)
+    key = (name, device_type, dtype, training)
+    if key in _announced:
+        return
+    with _announced_lock:
+        if key in _announced:
+            return
+        _announced.add(key)
     mode = "training" if training else "eval"
-    logger.info(message or f"dgsct_kernels: backend {name!r} ran {device_type} "
+    logger.info(message() if message else f"dgsct_kernels: backend {name!r} ran {device_type} "
                 f"{str(dtype).replace('torch.', '')} {mode}")
 
 
@@ -185,15 +197,15 @@ def resolve(problem: Problem, argument: str = AUTO) -> Backend:
             raise RuntimeError(f"backend {name!r} (from {source}) cannot run this call "
                                f"({_describe(problem)}): " + "; ".join(reasons))
         announce(name, problem.device_type, problem.dtype, problem.training,
-                 f"dgsct_kernels: backend {name!r} (from {source}) runs {_describe(problem)}")
+                 lambda: f"dgsct_kernels: backend {name!r} (from {source}) runs {_describe(problem)}")
         return backend
     rejected = []
     for backend in registered_backends():
         reasons = backend.not_supported_reasons(problem) or backend.auto_reasons(problem)
         if not reasons:
             announce(backend.name, problem.device_type, problem.dtype, problem.training,
-                     f"dgsct_kernels: auto chose backend {backend.name!r} for {_describe(problem)}"
-                     + (f" (skipped: {'; '.join(rejected)})" if rejected else ""))
+                     lambda: f"dgsct_kernels: auto chose backend {backend.name!r} for "
+                     f"{_describe(problem)}" + (f" (skipped: {'; '.join(rejected)})" if rejected else ""))
             return backend
         rejected.append(f"{backend.name}: {', '.join(reasons)}")
     raise RuntimeError(f"no backend can run {_describe(problem)}: " + "; ".join(rejected))

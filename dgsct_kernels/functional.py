@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .config import Hyper, check_inputs, check_params, dims_from_params, optional_present
+from .config import (OP_PARAM_NAMES, Hyper, autocast_dtype, check_inputs, check_params,
+                     dims_from_params, optional_present)
 from .ops import call_forward
 
 
@@ -45,13 +46,15 @@ def apply_dgsct(x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], hy
     if not isinstance(segments, int) or segments < 1:
         raise ValueError(f"segments={segments!r}: expected a positive integer")
     dims = dims_from_params(params)
-    check_inputs(x, g, dims, segments)
-    check_params(params, dims, x)
+    # under torch.autocast the op casts x, g and the parameters to this dtype (ops.py)
+    autocast = autocast_dtype(x, [g, *(params.get(n) for n in OP_PARAM_NAMES)])
+    check_inputs(x, g, dims, segments, training, autocast)
+    check_params(params, dims, x, autocast)
     use_bn = optional_present(params, "bn")
     if training and use_bn and x.shape[0] * x.shape[1] < 2:
         raise ValueError(f"x: shape {tuple(x.shape)} has F*N = 1 token; BatchNorm in training "
                          "mode needs more than one value per channel")
-    chosen = dispatch.resolve(dispatch.Problem.of(x, dims, training, use_bn), backend)
+    chosen = dispatch.resolve(dispatch.Problem.of(x, dims, training, use_bn, autocast), backend)
     raw = call_forward(x, g, params, hyper, training, chosen.name)
     if training and use_bn:
         tokens = x.shape[0] * x.shape[1]
@@ -78,5 +81,11 @@ def _update_running_stats(params: Mapping[str, Optional[Tensor]], prefix: str, m
         else:
             factor = momentum
         unbiased = var * (tokens / (tokens - 1))
-        running_mean.copy_(mean * factor + running_mean.to(mean.dtype) * (1 - factor))
-        running_var.copy_(unbiased * factor + running_var.to(var.dtype) * (1 - factor))
+        old_mean, old_var = running_mean.to(mean.dtype), running_var.to(var.dtype)
+        # A non-finite batch statistic (NaN/Inf inputs, an fp16 overflow) leaves that
+        # channel's running value as it was: torch's BatchNorm would write it in and every
+        # later eval call would be NaN. No host sync, so torch.compile traces it.
+        running_mean.copy_(torch.where(mean.isfinite(), mean * factor + old_mean * (1 - factor),
+                                       old_mean))
+        running_var.copy_(torch.where(unbiased.isfinite(),
+                                      unbiased * factor + old_var * (1 - factor), old_var))

@@ -16,7 +16,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .config import BUFFER_NAMES, OP_PARAM_NAMES, OPTIONAL_GROUPS, Hyper, accumulation_dtype
+from .config import (BUFFER_NAMES, OP_PARAM_NAMES, OPTIONAL_GROUPS, Hyper, accumulation_dtype,
+                     autocast_dtype)
 from .dispatch import announce, get_backend
 from .reference import RawOutputs
 
@@ -44,6 +45,8 @@ def dgsct_forward(x: Tensor, g: Tensor, params: list[Tensor], layout: list[bool]
                   hyper: list[float], training: bool, backend: str
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(residual, spatial_map, temporal_gate [F], bn1 mean, bn1 var, bn2 mean, bn2 var)."""
+    if x.shape[0] == 0:  # an empty eval batch: nothing for a kernel to do
+        return tuple(t.clone() for t in _forward_fake(x, g, params, layout, hyper, training, backend))
     announce(backend, x.device.type, x.dtype, training)
     out = get_backend(backend).forward(x, g, unpack_params(params, layout), Hyper(*hyper), training)
     return tuple(out)
@@ -69,6 +72,9 @@ def dgsct_backward(grad_residual: Tensor, grad_spatial_map: Tensor, grad_tempora
                    ) -> list[Tensor]:
     """Gradients for [x, g, *params]; an empty tensor where `wanted` is False."""
     names = ["x", "g"] + _present_names(layout)
+    if x.shape[0] == 0:  # an empty eval batch contributes nothing to any gradient
+        return [torch.zeros_like(t, memory_format=torch.contiguous_format) if w else x.new_empty(0)
+                for t, w in zip([x, g, *params], wanted)]
     chosen = [n for n, w in zip(names, wanted) if w]
     grads = get_backend(backend).backward(
         (grad_residual, grad_spatial_map, grad_temporal_gate), x, g, unpack_params(params, layout),
@@ -106,6 +112,29 @@ def _backward(ctx, grad_residual, grad_spatial_map, grad_temporal_gate, *unused_
 
 
 torch.library.register_autograd("dgsct_kernels::forward", _backward, setup_context=_setup_context)
+
+
+def _autocast_kernel(device_type: str):
+    """The op's kernel for `Autocast<device>`: cast x, g and the parameters to the region's
+    dtype once, then run the op with autocast off. The casts are ordinary autograd ops, so
+    float32 master parameters get float32 gradients; the backward op sees one dtype."""
+    autocast_key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def kernel(keyset, x, g, params, layout, hyper, training, backend):
+        dtype = autocast_dtype(x, [g, *params])
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(autocast_key)):
+            if dtype is not None:
+                x, g, params = x.to(dtype), g.to(dtype), [p.to(dtype) for p in params]
+            return torch.ops.dgsct_kernels.forward.default(x, g, params, layout, hyper, training, backend)
+
+    return kernel
+
+
+_autocast_library = torch.library.Library("dgsct_kernels", "IMPL")
+for _device_type in ("cpu", "cuda"):
+    _autocast_library.impl("forward", _autocast_kernel(_device_type),
+                           "Autocast" + torch._C._dispatch_key_for_device(_device_type),
+                           with_keyset=True)
 
 
 def call_forward(x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], hyper: Hyper,

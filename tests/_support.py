@@ -101,3 +101,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float,
             f"expected {expected.flatten()[i].item():.6g}" for i in worst)
         raise AssertionError(f"{what}: relative max error {error:.3g} > {tolerance:.3g}; "
                              f"max |expected| = {expected.abs().max().item():.3g}\n{rows}")
+
+
+def runnable_backends(dtype=torch.float32, case: Case = SMALL) -> list[str]:
+    """Names of the registered backends that can run a CPU call of `case` in `dtype` here
+    (reference, cpu, and triton under TRITON_INTERPRET=1), highest rank first."""
+    from dgsct_kernels import dispatch
+    from dgsct_kernels.config import Dims
+
+    dims = Dims(tokens=case.tokens, dim=case.dim, guide_tokens=case.guide_tokens, guide_dim=case.guide_dim,
+                num_latents=case.num_latents, hidden=case.dim // case.reduction, groups=case.groups)
+    probe = dispatch.Problem("cpu", dtype, dims, case.frames, True, True)
+    return [b.name for b in dispatch.registered_backends() if b.supports(probe)]

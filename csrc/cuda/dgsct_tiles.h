@@ -63,7 +63,7 @@ constexpr int kBlockWarps = 8;
 
 // ---------------------------------------------------------------- per-element math
 
-DG_HD float relu(float v) { return v > 0.f ? v : 0.f; }
+DG_HD float relu(float v) { return v < 0.f ? 0.f : v; }  // keeps NaN, as torch.relu does
 
 // Stable for any finite v: exp never sees a positive argument.
 DG_HD float sigmoid(float v) {

@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, matmul, prompt_probabilities, x1_columns, x1_times_weight
+from .common import interpreting, matmul, prompt_probabilities, relu, x1_columns, x1_times_weight
 from .plan import Launch
 from .tiling import Shape, latents_block, tiles
 
@@ -112,7 +112,7 @@ def attention_masks_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, w2_ptr, b2_ptr, w1
         pre += tl.load(b2_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)[None, :]
         mask = row_mask[:, None] & out_mask[None, :]
         tl.store(mask2_ptr + (f * N + rows)[:, None] * HALF + outs[None, :], (pre > 0.0).to(tl.int8), mask=mask)
-        v2 = tl.where(mask, tl.maximum(pre, 0.0), 0.0)
+        v2 = tl.where(mask, relu(pre), 0.0)
         tl.store(t_ptr + partial * HALF + outs, tl.sum(v2 * d_s[:, None], 0), mask=out_mask)
 
     # channel layer: mask1 = pre1 > 0, and the token sum of v1
@@ -124,7 +124,7 @@ def attention_masks_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, w2_ptr, b2_ptr, w1
         pre += tl.load(b1_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)[None, :]
         mask = row_mask[:, None] & out_mask[None, :]
         tl.store(mask1_ptr + (f * N + rows)[:, None] * C + outs[None, :], (pre > 0.0).to(tl.int8), mask=mask)
-        tl.store(v1_ptr + partial * C + outs, tl.sum(tl.where(mask, tl.maximum(pre, 0.0), 0.0), 0),
+        tl.store(v1_ptr + partial * C + outs, tl.sum(tl.where(mask, relu(pre), 0.0), 0),
                  mask=out_mask)
 
 

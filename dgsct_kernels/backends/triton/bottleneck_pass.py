@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import matmul, prompt_probabilities, stable_sigmoid, x1_columns, x1_times_weight
+from .common import matmul, prompt_probabilities, relu, stable_sigmoid, x1_columns, x1_times_weight
 from .plan import Launch
 from .tiling import Shape, latents_block, tiles
 
@@ -88,7 +88,7 @@ def bottleneck_pass_kernel(x_ptr, r_ptr, gate_av_ptr, ch_ptr, qa2_ptr, tg_ptr,
         bias = tl.load(b2_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)
         weight = (tl.load(qa2_ptr + f * HALF + outs, mask=out_mask, other=0.0)
                   * tl.load(ws_ptr + outs, mask=out_mask, other=0.0).to(tl.float32))
-        s += tl.sum(tl.maximum(acc + bias[None, :], 0.0) * weight[None, :], 1)
+        s += tl.sum(relu(acc + bias[None, :]) * weight[None, :], 1)
     s += tl.load(bs_ptr).to(tl.float32)
     tl.store(s_ptr + f * N + rows, s, mask=row_mask)
     sp = stable_sigmoid(s)

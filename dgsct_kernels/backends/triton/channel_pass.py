@@ -7,7 +7,7 @@ partials in a fixed order (deterministic, no atomics). x1 is never stored.
 import triton
 import triton.language as tl
 
-from .common import prompt_probabilities, x1_times_weight
+from .common import prompt_probabilities, relu, x1_times_weight
 from .plan import Launch
 from .tiling import Shape, latents_block, tiles
 
@@ -32,7 +32,7 @@ def channel_pass_kernel(x_ptr, r_ptr, gate_av_ptr, w_ptr, b_ptr, qa1_ptr, partia
     acc = x1_times_weight(x_frame, r_frame, probs, gate_av, qa1_ptr, w_ptr, rows, row_mask, outs,
                           out_mask, C, K, BN, BK, BO, KP, False, DOT, INTERPRET)
     bias = tl.load(b_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)
-    qv1 = tl.where(row_mask[:, None], tl.maximum(acc + bias[None, :], 0.0), 0.0)
+    qv1 = tl.where(row_mask[:, None], relu(acc + bias[None, :]), 0.0)
     qa1 = tl.load(qa1_ptr + f * C + outs, mask=out_mask, other=0.0)
     partial = tl.sum(qv1 * qa1[None, :], 0)
     tl.store(partial_ptr + (f * token_blocks + nb) * C + outs, partial, mask=out_mask)

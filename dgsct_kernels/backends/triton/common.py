@@ -28,6 +28,13 @@ def dot_dtype(dtype):
 
 
 @triton.jit
+def relu(v):
+    """max(v, 0) that keeps NaN, as torch.relu does: tl.maximum's default drops a NaN
+    operand (returns 0 for NaN), which would hide non-finite inputs behind finite outputs."""
+    return tl.where(v < 0.0, 0.0, v)
+
+
+@triton.jit
 def stable_sigmoid(s):
     """sigmoid(s) that never overflows, even for |s| ~ 1e4."""
     decay = tl.exp(-tl.abs(s))

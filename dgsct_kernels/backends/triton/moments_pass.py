@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import matmul
+from .common import matmul, relu
 from .plan import Launch
 from .tiling import Shape, tiles
 
@@ -25,7 +25,7 @@ def _hidden_block(z_ptr, scale_ptr, shift_ptr, f, rows, row_mask, channels, hidd
     z = tl.load(z_ptr + (f * N + rows)[:, None] * H + channels[None, :], mask=mask, other=0.0)
     scale = tl.load(scale_ptr + channels, mask=hidden_mask, other=0.0)
     shift = tl.load(shift_ptr + channels, mask=hidden_mask, other=0.0)
-    return tl.where(mask, tl.maximum(z.to(tl.float32) * scale[None, :] + shift[None, :], 0.0), 0.0)
+    return tl.where(mask, relu(z.to(tl.float32) * scale[None, :] + shift[None, :]), 0.0)
 
 
 @triton.jit

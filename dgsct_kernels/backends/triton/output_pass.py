@@ -7,7 +7,7 @@ channels (two sweeps for its statistics, one to write) and the gate; writes o.
 import triton
 import triton.language as tl
 
-from .common import matmul
+from .common import matmul, relu
 from .plan import Launch
 from .tiling import Shape, tiles
 
@@ -32,7 +32,7 @@ def up_projection(z_ptr, scale1_ptr, shift1_ptr, wu_ptr, f, rows, row_mask, grou
         z = tl.load(z_ptr + (f * N + rows)[:, None] * H + channels[None, :], mask=mask, other=0.0)
         scale1 = tl.load(scale1_ptr + channels, mask=hidden_mask, other=0.0)
         shift1 = tl.load(shift1_ptr + channels, mask=hidden_mask, other=0.0)
-        h = tl.where(mask, tl.maximum(z.to(tl.float32) * scale1[None, :] + shift1[None, :], 0.0), 0.0)
+        h = tl.where(mask, relu(z.to(tl.float32) * scale1[None, :] + shift1[None, :]), 0.0)
         w = tl.load(wu_ptr + outs[:, None] * hg + hidden[None, :],
                     mask=out_mask[:, None] & hidden_mask[None, :], other=0.0)
         # float32 (3xTF32): bn2's batch statistics come from the moments of the unrounded h, so
