@@ -6,6 +6,8 @@ Environment:
   DGSCT_FORCE_CUDA=1   build it even where no CUDA build of torch is detected
   DGSCT_CUDA_ARCHS     e.g. "8.0;9.0a" or "80 90a" (default: 80;90)
   MAX_JOBS             parallel compile jobs
+  DGSCT_BUILD_DIR      CMake build folder (default: build/cmake-<python>-<torch>, kept
+                       between installs so a reinstall recompiles only what changed)
 Build against the torch that will run it: install torch first, then
 `pip install --no-build-isolation -e .`.
 """
@@ -64,6 +66,16 @@ def cuda_archs() -> str:
     return ";".join(archs)
 
 
+def persistent_build_dir(torch) -> Path:
+    """A build folder that outlives pip's temporary one, so reinstalling (the README's
+    commands run `pip install -e .` every time) rebuilds only what changed. Keyed by the
+    Python and torch it builds against; DGSCT_BUILD_DIR overrides it."""
+    if os.environ.get("DGSCT_BUILD_DIR"):
+        return Path(os.environ["DGSCT_BUILD_DIR"]).resolve()
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return ROOT / "build" / f"cmake-{python}-torch{torch.__version__.replace('+', '-')}"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -76,7 +88,7 @@ class CMakeBuild(build_ext):
 
         with_cuda, reason = cuda_decision(torch)
         output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir = persistent_build_dir(torch)
         build_dir.mkdir(parents=True, exist_ok=True)
         args = [
             f"-DDGSCT_PYTHON_INCLUDE={sysconfig.get_paths()['include']}",
