@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -128,13 +129,17 @@ def estimated_winner(problem, arch: int, device: str) -> tuple[str | None, dict[
 
 
 _logged: set = set()
+_logged_lock = threading.Lock()
 
 
 def _log_estimate_once(problem, device: str, choice: str, floors: dict[str, float]) -> None:
-    key = (problem, device, choice, tuple(sorted(floors)))
-    if key in _logged or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # first: a look into the set would become a guard
         return
-    _logged.add(key)
+    key = (problem, device, choice, tuple(sorted(floors)))
+    with _logged_lock:  # concurrent first calls log once
+        if key in _logged:
+            return
+        _logged.add(key)
     listed = ", ".join(f"{name} {seconds * 1e6:.0f} us" for name, seconds in sorted(floors.items()))
     logger.info(f"dgsct_kernels: no measurement on {device} for this call; auto's choice of {choice!r} is a "
                 f"roofline estimate of the forward ({listed}), not a measured winner")

@@ -31,7 +31,7 @@ def _backends_on_cpu():
 def test_forward_against_float64(backend, dtype, training, case):
     """Outputs and BatchNorm buffers: SPEC.md's tolerance, and at most 3x the reference
     backend's own error in that dtype (+1e-5)."""
-    oracle = make_module(case, gamma=0.2, dtype=dtype).double().train(training)
+    oracle = make_module(case, gamma=0.2, dtype=dtype, backend="reference").double().train(training)
     x, g = make_inputs(case, dtype=dtype)
     with torch.no_grad():
         want = oracle(x.double(), g.double())
@@ -93,7 +93,7 @@ def test_gradients_for_every_layer_option(backend, training, options):
 def _check_gradients(backend, dtype, training, case, **options):
     tol = SPEC_TOLERANCE[dtype]
     module = make_module(case, gamma=0.2, dtype=dtype, backend=backend, **options).train(training)
-    oracle = make_module(case, gamma=0.2, dtype=dtype, **options).double().train(training)  # same values
+    oracle = make_module(case, gamma=0.2, dtype=dtype, backend="reference", **options).double().train(training)  # same values
     eager_module = make_module(case, gamma=0.2, dtype=dtype, **options).train(training)
     x, g = make_inputs(case, dtype=dtype)
     weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -164,7 +164,7 @@ def test_forward_with_wide_channels(backend):
     case = Case(frames=2, tokens=3, dim=1600, guide_tokens=5, guide_dim=24, num_latents=32, reduction=8,
                 segments=1)
     dtype = torch.bfloat16
-    oracle = make_module(case, gamma=0.2, dtype=dtype).double().train()
+    oracle = make_module(case, gamma=0.2, dtype=dtype, backend="reference").double().train()
     x, g = make_inputs(case, dtype=dtype)
     with torch.no_grad():
         want = oracle(x.double(), g.double())

@@ -16,6 +16,8 @@ to measure. Until the backend has been measured on a GPU, `auto` does not choose
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
@@ -78,16 +80,27 @@ class TritonBackend(Backend):
 
     def forward(self, x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], hyper: Hyper,
                 training: bool) -> RawOutputs:
-        return _forward(x.contiguous(), g.contiguous(), params, hyper, training)
+        with _interpreter_guard():
+            return _forward(x.contiguous(), g.contiguous(), params, hyper, training)
 
     def backward(self, grads: Sequence[Tensor], x: Tensor, g: Tensor,
                  params: Mapping[str, Optional[Tensor]], hyper: Hyper, training: bool,
                  wanted: Sequence[str]) -> dict[str, Tensor]:
         from .backward import backward
 
-        _, _, state = _frame_state(x.contiguous(), g.contiguous(), params, hyper, training)
-        order = _plan_guide(x.shape[0], dims_from_params(params)).order
-        return backward(state, grads, x, g, params, hyper, training, order, wanted)
+        with _interpreter_guard():
+            _, _, state = _frame_state(x.contiguous(), g.contiguous(), params, hyper, training)
+            order = _plan_guide(x.shape[0], dims_from_params(params)).order
+            return backward(state, grads, x, g, params, hyper, training, order, wanted)
+
+
+_interpreter_lock = threading.Lock()
+
+
+def _interpreter_guard():
+    """Triton's CPU interpreter patches triton.language globally while a kernel runs, so two
+    threads interpreting at once break each other; compiled GPU launches need no lock."""
+    return _interpreter_lock if interpreting() else contextlib.nullcontext()
 
 
 def _plan_guide(frames, dims):
