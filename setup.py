@@ -76,6 +76,22 @@ def persistent_build_dir(torch) -> Path:
     return ROOT / "build" / f"cmake-{python}-torch{torch.__version__.replace('+', '-')}"
 
 
+def requirement_sections(path: Path = ROOT / "requirements.txt") -> dict[str, list[str]]:
+    """requirements.txt's `# [section]` blocks: the one place every dependency is named."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        header = re.match(r"#\s*\[(\w+)\]", line)
+        if header:
+            current = sections.setdefault(header.group(1), [])
+        elif line and not line.startswith("#"):
+            if current is None:
+                raise SystemExit(f"{path}: {line!r} comes before any '# [section]' header")
+            current.append(line)
+    return sections
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -83,7 +99,12 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise SystemExit("dgsct-kernels builds against the torch that will run it: install "
+                             "torch first (pip install -r requirements.txt), then "
+                             "pip install --no-build-isolation -e .") from None
         from torch.utils import cpp_extension
 
         with_cuda, reason = cuda_decision(torch)
@@ -116,15 +137,17 @@ class CMakeBuild(build_ext):
 
 
 if __name__ == "__main__":  # pip runs setup.py as __main__; tests import the helpers above
+    requirements = requirement_sections()
+    extras = {name: reqs for name, reqs in requirements.items() if name not in ("core", "build")}
+    extras["all"] = sorted({r for reqs in extras.values() for r in reqs})
     setup(
         name="dgsct-kernels",
         version="0.1.0",
         description="Fused DG-SCT (cross-modal prompts) kernels for PyTorch",
         packages=find_packages(include=["dgsct_kernels", "dgsct_kernels.*"]),
         python_requires=">=3.10",
-        install_requires=["torch>=2.6", "numpy"],
-        extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["matplotlib"],
-                        "models": ["timm>=1.0", "h5py", "safetensors", "tqdm", "pillow"]},
+        install_requires=requirements["core"],
+        extras_require=extras,
         package_data={"dgsct_kernels": ["measured_winners.json", "compile_status.json"]},
         ext_modules=[CMakeExtension("dgsct_kernels._C")],
         cmdclass={"build_ext": CMakeBuild},

@@ -85,3 +85,18 @@ def test_build_switches(monkeypatch):
     monkeypatch.setenv("DGSCT_CUDA_ARCHS", "hopper")
     with pytest.raises(SystemExit, match="DGSCT_CUDA_ARCHS"):
         setup.cuda_archs()
+
+
+def test_every_requirement_is_named_once():
+    """requirements.txt is the one list: setup.py's install_requires and extras come from
+    its sections, and torch's requirement appears nowhere else."""
+    setup = _load_setup_module()
+    sections = setup.requirement_sections()
+    assert {"core", "models", "bench", "test", "build"} <= set(sections)
+    names = [re.split(r"[<>=!~\[; ]", r)[0].lower() for reqs in sections.values() for r in reqs]
+    assert len(names) == len(set(names)), f"named twice in requirements.txt: {names}"
+    assert sum(r.startswith("torch") for r in sections["core"]) == 1
+    for other in ("setup.py", "pyproject.toml", ".ci/run"):
+        text = (ROOT / other).read_text()
+        assert not re.search(r"""["']torch[<>=~!]""", text), f"{other} names a torch version"
+    assert "timm>=1.0" in sections["models"] and "hypothesis" in sections["test"]
