@@ -1,7 +1,19 @@
 """Time DG-SCT: the eager reference, its torch.compile, and every backend that can run the call.
 
-    python benchmarks/run.py                       # this machine's defaults
+    python benchmarks/run.py                       # this machine's defaults (CPU: ~1 min)
+    python benchmarks/run.py --full                # CPU: s1+s2, 10 repeats, compile everywhere
     python benchmarks/run.py --shapes tiny --repeats 1 --warmup 0 --no-compile
+
+On a CPU the default is a quick run, under a minute on 2 quiet cores: the stage-2 pair of
+shapes, 5 timed calls after 1 warm-up, and torch.compile on the first shape only, because
+each torch.compile warm-up costs 7-16 s there (15-50 s on a busy machine). `--full` runs the
+full comparison (s1 and s2, 10 timed calls after 2 warm-ups, torch.compile on every shape:
+about 4 minutes on 2 quiet cores); explicit --shapes, --repeats, --warmup and
+--compile-shapes override either. On a GPU the default is the full run. When other
+processes keep CPU cores busy, a CPU run times on the free cores only (--threads overrides),
+because a torch thread sharing a busy core stalls the others. The runner prints what it will
+do and an estimate of how long at the start, how long it took at the end, and a legend of
+the table's columns.
 
 For each shape and mode it times
   eager    `reference_forward` with autograd (what the authors' module costs),
@@ -15,8 +27,14 @@ counts. Results go to stdout (a table) and to --out: results.csv, results.json, 
 On a GPU, eval rows of the GPU backends also carry `roofline_ms`, the forward's floor from
 its bytes and FLOPs at the H100/H200 peak figures (dgsct_kernels/roofline.py), and
 `vs_roofline`, the measured time over that floor ("x roofline" in the table).
+The runner samples how many cores other processes keep busy before, between and after
+the cases; on a CPU above 0.5 cores it marks the printed output, results.json and the plot.
 """
 from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()  # before the slow imports (torch, triton): the whole run's clock
 
 import argparse
 import csv
@@ -26,7 +44,6 @@ import os
 import platform
 import shlex
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -38,6 +55,7 @@ from torch import Tensor
 import dgsct_kernels
 from dgsct_kernels import dispatch
 from dgsct_kernels.config import OP_PARAM_NAMES
+from dgsct_kernels.cpu_load import busy_cores, threads_beside
 from dgsct_kernels.reference import reference_forward
 from dgsct_kernels.roofline import peaks_for, total_seconds
 from shapes import GROUPS, NUM_LATENTS, REDUCTION, SEGMENTS, Shape, cost, select_shapes
@@ -58,6 +76,50 @@ COLUMNS = ("device", "device_name", "torch", "triton", "date", "backend", "shape
 
 Outputs = tuple[Tensor, Tensor, Tensor]  # residual [F, N, C], spatial_map [F, N], temporal_gate [F]
 
+# Defaults per device and run size: shapes, timed calls, warm-up calls, shapes that also time
+# torch.compile (None: every selected shape; "first": the first selected shape only).
+QUICK_CPU = {"shapes": "s2", "repeats": 5, "warmup": 1, "compile_shapes": "first"}
+FULL_CPU = {"shapes": "s1,s2", "repeats": 10, "warmup": 2, "compile_shapes": None}
+FULL_CUDA = {"shapes": "all", "repeats": 50, "warmup": 10, "compile_shapes": None}
+# Other processes keeping more than this many cores busy mark the run as unreliable: on a
+# shared CPU every OpenMP region waits for its descheduled thread.
+BUSY_CORES_LIMIT = 0.5
+# Seconds of one cold-cache torch.compile warm-up (the first call compiles the forward, in
+# training also the backward): eval 7-16 s, training 13-16 s at the s1 and s2 shapes on a
+# quiet 2-core AMD EPYC (benchmarks/NOTES.md, issue 11), 19-22 s with one core busy. GPU figures
+# are guesses of the same order; max-autotune modes also benchmark many kernel choices.
+COMPILE_WARMUP_S = {("cpu", False): 12.0, ("cpu", True): 16.0,
+                    ("cuda", False): 20.0, ("cuda", True): 40.0}
+AUTOTUNE_FACTOR = 4.0
+# Eager runs the matrix products at about this fraction of a plain matmul's rate (2 CPU
+# cores: 180-230 of 250 GFLOP/s); a training step costs about 3 forwards.
+EAGER_MATMUL_EFFICIENCY = 0.7
+TRAIN_OVER_EVAL = 3.0
+# Per case: building modules, checking outputs, counting saved tensors, a busy-cores sample.
+CASE_OVERHEAD_S = 1.5
+# What each column of the printed table means, in its order.
+TABLE_LEGEND = {
+    "shape": "the module's sizes from benchmarks/shapes.py: sK-visual is stage K's visual module "
+             "(guided by audio), sK-audio the audio one (guided by vision); F frames per call",
+    "mode": "eval-fwd: eval forward without autograd; train-fwd+bwd: training forward, then the "
+            "gradients of all three outputs w.r.t. x, g and every parameter",
+    "backend": "eager: reference_forward under autograd (what the authors' module costs); compile: "
+               "torch.compile of it; any other name: FusedDGSCT(backend=name)",
+    "median ms": "median wall time of one call over the timed calls",
+    "p10-p90 ms": "10th and 90th percentile of those times (their spread)",
+    "vs eager": "eager's median over this row's median: above 1.00x is faster than eager",
+    "saved MB": "train only: bytes autograd keeps from one forward for the backward, counted once "
+                "per storage (inputs and weights included)",
+    "saved/x": "train only: saved MB over the bytes of x",
+    "activ. MB": "train only: the part of saved MB that is neither an input nor a parameter",
+    "x floor": "eval only: median over the time a plain device copy of the floor's bytes takes "
+               "(read x, g and the weights once, write o once) at the measured copy bandwidth; "
+               "1.00 would be a purely memory-bound call at copy speed",
+    "GB/s": "eval only, backends with a plan report: the plan's DRAM bytes over the median",
+    "x roofline": "eval only, GPU backends on CUDA: median over the roofline floor from the plan's "
+                  "bytes and FLOPs at the GPU's peak figures (dgsct_kernels/roofline.py)",
+}
+
 
 @dataclass
 class Contender:
@@ -77,13 +139,22 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--frames", type=int, help=f"F, a multiple of segments={SEGMENTS} "
                         "(default: 10 on cpu, 80 on cuda, the paper's training batch)")
+    parser.add_argument("--full", action="store_true",
+                        help="the full comparison on a CPU too: shapes s1,s2, 10 timed calls after "
+                             "2 warm-ups, torch.compile on every shape (about 4 min on 2 quiet "
+                             "cores); a GPU run is full by default")
     parser.add_argument("--shapes", help="comma-separated labels or sets: all, tiny, s1..s4 "
-                        "(default: s1,s2 on cpu, all on cuda)")
+                        "(default: s2 on cpu, s1,s2 with --full, all on cuda)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated from {list(MODES)}")
-    parser.add_argument("--repeats", type=int, help="timed calls (default: 10 on cpu, 50 on cuda)")
-    parser.add_argument("--warmup", type=int,
-                        help="untimed calls after the first (default: 2 on cpu, 10 on cuda)")
+    parser.add_argument("--repeats", type=int,
+                        help="timed calls (default: 5 on cpu, 10 with --full, 50 on cuda)")
+    parser.add_argument("--warmup", type=int, help="untimed calls after the first "
+                        "(default: 1 on cpu, 2 with --full, 10 on cuda)")
+    parser.add_argument("--compile-shapes", metavar="SHAPES",
+                        help="the shapes whose cases also time torch.compile: 'all' (every "
+                             "selected shape) or labels and sets among --shapes (default: the "
+                             "first selected shape on cpu, all with --full and on cuda)")
     parser.add_argument("--out", type=Path,
                         help="output folder (default: benchmarks/out/<date>-<device>)")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
@@ -93,8 +164,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile baseline")
     parser.add_argument("--threads", type=int,
-                        help="CPU threads for torch (default: torch's, one per core); 1 keeps "
-                        "timings stable when other processes share the cores")
+                        help="CPU threads for torch (default on cpu: one per core that other "
+                             "processes do not keep busy at the start, at most torch's default); "
+                             "1 keeps timings stable when other processes share the cores")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     # relative to the repository, so committed results carry no machine paths
@@ -109,24 +181,29 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.device.type not in ("cpu", "cuda"):
         parser.error(f"--device={args.device}: expected cpu or cuda")
     on_cuda = args.device.type == "cuda"
+    defaults = FULL_CUDA if on_cuda else FULL_CPU if args.full else QUICK_CPU
+    args.run_size = "quick" if defaults is QUICK_CPU else "full"
     args.dtype = DTYPES[args.dtype]
     args.frames = args.frames if args.frames is not None else (80 if on_cuda else 10)
     if args.frames < 1 or args.frames % SEGMENTS:
         parser.error(f"--frames={args.frames}: expected a positive multiple of segments={SEGMENTS}")
     try:
-        args.shapes = select_shapes(args.shapes or ("all" if on_cuda else "s1,s2"))
+        args.shapes = select_shapes(args.shapes or defaults["shapes"])
     except ValueError as error:
         parser.error(str(error))
+    args.compile_shapes = compile_shapes(parser, args, defaults["compile_shapes"])
     args.modes = [m.strip() for m in args.modes.split(",")]
     for mode in args.modes:
         if mode not in MODES:
             parser.error(f"--modes: unknown mode {mode!r}; expected some of {list(MODES)}")
-    args.repeats = args.repeats if args.repeats is not None else (50 if on_cuda else 10)
-    args.warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 2)
+    args.repeats = args.repeats if args.repeats is not None else defaults["repeats"]
+    args.warmup = args.warmup if args.warmup is not None else defaults["warmup"]
     if args.repeats < 1:
         parser.error(f"--repeats={args.repeats}: expected at least 1")
     if args.warmup < 0:
         parser.error(f"--warmup={args.warmup}: expected 0 or more")
+    if args.time_budget is not None and not args.time_budget >= 0:
+        parser.error(f"--time-budget={args.time_budget}: expected 0 or more seconds")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads={args.threads}: expected at least 1")
     args.date = datetime.datetime.now().astimezone()
@@ -134,6 +211,30 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         stamp = args.date.strftime("%Y%m%d-%H%M%S")
         args.out = Path(__file__).resolve().parent / "out" / f"{stamp}-{args.device.type}"
     return args
+
+
+def compile_shapes(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   default: Optional[str]) -> list[Shape]:
+    """The selected shapes whose cases also time torch.compile, in --shapes order."""
+    if args.no_compile:
+        if args.compile_shapes is not None:
+            parser.error(f"--compile-shapes={args.compile_shapes!r} contradicts --no-compile; "
+                         "give one of them")
+        return []
+    if args.compile_shapes is None:
+        return args.shapes[:1] if default == "first" else list(args.shapes)
+    names = args.compile_shapes
+    if names.strip() == "all":
+        return list(args.shapes)
+    try:
+        chosen = select_shapes(names, "--compile-shapes")
+    except ValueError as error:
+        parser.error(str(error))
+    outside = [s.label for s in chosen if s not in args.shapes]
+    if outside:
+        parser.error(f"--compile-shapes={names!r}: {outside} not among --shapes "
+                     f"{[s.label for s in args.shapes]}")
+    return [s for s in args.shapes if s in chosen]
 
 
 def progress(message: str) -> None:
@@ -160,28 +261,22 @@ def environment(args: argparse.Namespace) -> dict:
         "dtype": str(args.dtype).replace("torch.", ""), "frames": args.frames,
         "warmup": args.warmup, "repeats": args.repeats,
         "compile_mode": None if args.no_compile else args.compile_mode,
+        "compile_shapes": [s.label for s in args.compile_shapes], "run_size": args.run_size,
     }
 
 
-def busy_cores(interval_s: float = 0.25) -> Optional[float]:
-    """How many cores other processes (or the hypervisor: steal) keep busy while we sleep.
-
-    On a shared CPU every OpenMP parallel region waits for its slowest thread, so one busy
-    core made 2-thread steps up to 100x slower here; the header records this before and
-    after the run. None where /proc/stat is missing.
-    """
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as stat:  # cpu user nice system idle iowait irq softirq steal
-            ticks = [int(v) for v in stat.readline().split()[1:9]]
-        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
-
-    try:
-        busy_before, total_before = sample()
-        time.sleep(interval_s)
-        busy_after, total_after = sample()
-    except (OSError, ValueError):
+def busy_warning(env: dict) -> Optional[str]:
+    """A warning when other processes kept more than BUSY_CORES_LIMIT cores busy in any sample
+    of a CPU run (its timings then measure the contention too); None otherwise."""
+    samples = [env.get("busy_cores_before"), *env.get("busy_cores_between", []),
+               env.get("busy_cores_after")]
+    samples = [c for c in samples if c is not None]
+    if not env["device"].startswith("cpu") or not samples or max(samples) <= BUSY_CORES_LIMIT:
         return None
-    return (busy_after - busy_before) / max(total_after - total_before, 1) * (os.cpu_count() or 1)
+    fewer_threads = "" if env.get("torch_threads", 1) == 1 else ", or with --threads 1"
+    return (f"BUSY MACHINE: other processes kept up to {max(samples):.1f} of {env['cpu_count']} "
+            f"cores busy (limit {BUSY_CORES_LIMIT}); these CPU timings are unreliable. Rerun on a "
+            f"quiet machine{fewer_threads}")
 
 
 def _cpu_model() -> Optional[str]:
@@ -228,7 +323,7 @@ def contenders(shape: Shape, base: dgsct_kernels.FusedDGSCT, x: Tensor, g: Tenso
         return out.residual, out.spatial_map, out.temporal_gate
 
     found = [Contender("eager", eager, [x, g, *differentiable(params)], own)]
-    if not args.no_compile:
+    if shape in args.compile_shapes:
         torch._dynamo.reset()  # one fresh, static-shape compile per case: no cross-shape reuse
         compiled = torch.compile(eager, mode=args.compile_mode, dynamic=False)
 
@@ -308,6 +403,85 @@ def roofline_ms(backend_name: str, shape: Shape, frames: int, dtype: torch.dtype
     problem = dispatch.Problem("cuda", dtype, shape.dims(), frames, False, True)
     works = dispatch.get_backend(backend_name).roofline_works(problem)
     return None if not works else total_seconds(works, peaks_for(device_name)) * 1e3
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured rate of one square matrix product: the yardstick of the time estimate."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    times = time_ms(lambda: torch.mm(a, b), warmup=1, repeats=5, device=device)
+    return 2 * n ** 3 / (float(np.median(times)) * 1e-3) / 1e9
+
+
+def supporting_backends(shape: Shape, training: bool, args: argparse.Namespace) -> list[str]:
+    problem = dispatch.Problem(args.device.type, args.dtype, shape.dims(), args.frames, training, True)
+    return [b.name for b in dispatch.registered_backends() if b.supports(problem)]
+
+
+def estimate_seconds(cases: list[tuple[Shape, str]], args: argparse.Namespace,
+                     gflops: float) -> tuple[float, float]:
+    """(all, torch.compile warm-ups) seconds the cases take on a quiet machine.
+
+    Every contender's call is costed as eager's: the FLOPs of SPEC.md's order as written at
+    EAGER_MATMUL_EFFICIENCY of the measured matmul rate (backends are faster or slower than
+    eager, and the errors roughly cancel). Compile warm-ups are COMPILE_WARMUP_S, cold cache.
+    """
+    autotune = AUTOTUNE_FACTOR if "autotune" in args.compile_mode else 1.0
+    compile_s = timing_s = 0.0
+    for shape, mode in cases:
+        training = mode == "train-fwd+bwd"
+        shape_cost = cost(shape, args.frames)
+        flops = (shape_cost.guide_flops["as written"] + shape_cost.target_flops) * (
+            TRAIN_OVER_EVAL if training else 1.0)
+        call_s = flops / (gflops * 1e9 * EAGER_MATMUL_EFFICIENCY)
+        calls = 1 + args.warmup + args.repeats + int(training)  # first, warm-up, timed, saved count
+        compiled = shape in args.compile_shapes
+        contenders = 1 + compiled + len(supporting_backends(shape, training, args))
+        timing_s += contenders * calls * call_s + CASE_OVERHEAD_S
+        if compiled:
+            compile_s += COMPILE_WARMUP_S[(args.device.type, training)] * autotune
+    return compile_s + timing_s, compile_s
+
+
+def describe_plan(cases: list[tuple[Shape, str]], args: argparse.Namespace, env: dict,
+                  estimate: tuple[float, float]) -> str:
+    """What the run will do and about how long it will take, printed before it starts."""
+    total_s, compile_s = estimate
+    backends = list(dict.fromkeys(name for shape, mode in cases
+                                  for name in supporting_backends(shape, mode != "eval-fwd", args)))
+    shapes = [s.label for s in args.shapes]
+    compiled = [s.label for s in args.compile_shapes]
+    if not compiled:
+        compile_line = "no torch.compile"
+    elif compiled == shapes:
+        compile_line = f"torch.compile ({args.compile_mode}) on every shape"
+    else:
+        compile_line = f"torch.compile ({args.compile_mode}) on {', '.join(compiled)} only"
+    lines = [f"dgsct benchmark, {args.run_size} run: {env['device_name']} ({args.device}), "
+             f"{_threads(env['torch_threads'])}, {env['dtype']}, F={args.frames}"]
+    if args.run_size == "quick":
+        lines.append("  (quick CPU defaults; --full runs s1,s2 with 10 timed calls and "
+                     "torch.compile on every shape: about 4 min on 2 quiet cores)")
+    lines += [f"  {len(cases)} cases: shapes {', '.join(shapes)} x modes {', '.join(args.modes)}",
+              f"  contenders: eager, {compile_line}, backends {', '.join(backends) or 'none'}",
+              f"  per contender and case: 1 first call, {args.warmup} warm-up "
+              f"call{'' if args.warmup == 1 else 's'}, {args.repeats} timed "
+              f"call{'' if args.repeats == 1 else 's'}",
+              f"  estimate: about {_duration(total_s)} in all (torch.compile warm-ups "
+              f"{_duration(compile_s)} of it with a cold inductor cache; from a "
+              f"{env['matmul_gflops']:.0f} GFLOP/s matmul measured just now)",
+              f"  writing to {args.out}"]
+    if args.time_budget is not None:
+        lines.append(f"  no case starts after {args.time_budget:.0f} s")
+    return "\n".join(lines)
+
+
+def _threads(count: int) -> str:
+    return f"{count} torch thread{'' if count == 1 else 's'}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def time_ms(step: Callable[[], None], warmup: int, repeats: int,
@@ -433,8 +607,7 @@ def first_step(contender: Contender, training: bool, grad_outputs: Outputs) -> O
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("shape", "mode", "backend", "median ms", "p10-p90 ms", "vs eager", "saved MB",
-              "saved/x", "activ. MB", "x floor", "GB/s", "x roofline")
+    header = tuple(TABLE_LEGEND)
     body = [(r["shape"], r["mode"], r["backend"], f"{r['median_ms']:.2f}",
              f"{r['p10_ms']:.2f}-{r['p90_ms']:.2f}", f"{r['speedup_vs_eager']:.2f}x",
              _maybe(r["saved_bytes"], 1e-6, "{:.1f}"), _maybe(r["saved_over_x"], 1, "{:.2f}"),
@@ -447,6 +620,13 @@ def format_table(rows: list[dict]) -> str:
                        for i, (v, w) in enumerate(zip(line, widths))) for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def format_legend() -> str:
+    """One line per table column saying what it holds."""
+    width = max(len(name) for name in TABLE_LEGEND)
+    return "\n".join(["columns ('-': not measured for that row):"] +
+                     [f"  {name.ljust(width)}  {meaning}" for name, meaning in TABLE_LEGEND.items()])
 
 
 def _maybe(value: Optional[float], scale: float, fmt: str) -> str:
@@ -484,58 +664,135 @@ def write_results(rows: list[dict], env: dict, out: Path) -> None:
 
 
 def plot(rows: list[dict], env: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, axes = plt.subplots(len(modes), 1, figsize=(11, 4.2 * len(modes)), squeeze=False)
-    for ax, mode in zip(axes[:, 0], modes):
-        mine = [r for r in rows if r["mode"] == mode]
-        shapes = list(dict.fromkeys(r["shape"] for r in mine))
-        backends = list(dict.fromkeys(r["backend"] for r in mine))
-        width = 0.8 / len(backends)
-        for i, backend in enumerate(backends):
-            by_shape = {r["shape"]: r for r in mine if r["backend"] == backend}
-            offset = (i - (len(backends) - 1) / 2) * width
-            xs = [j + offset for j, s in enumerate(shapes) if s in by_shape]
-            picked = [by_shape[s] for s in shapes if s in by_shape]
-            medians = np.array([r["median_ms"] for r in picked])
-            spread = np.array([[r["median_ms"] - r["p10_ms"] for r in picked],
-                               [r["p90_ms"] - r["median_ms"] for r in picked]])
-            bars = ax.bar(xs, medians, width, yerr=spread, capsize=2, label=backend)
-            ax.bar_label(bars, labels=[f"{m:.3g}" for m in medians], fontsize=7, padding=2)
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(shapes)), shapes)
-        ax.set_ylabel("median ms (log; bars p10-p90)")
-        ax.set_title(f"{mode}: {env['device_name']} ({env['device']}), {env['dtype']}, "
-                     f"F={env['frames']}")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig = draw_figure(rows, env)
+    fig.savefig(path, dpi=PLOT_DPI)
     plt.close(fig)
 
 
-def warn_if_busy(cores: Optional[float], device: torch.device) -> None:
-    if device.type == "cpu" and cores is not None and cores >= 0.25:
-        progress(f"warning: other processes kept {cores:.1f} of {os.cpu_count()} cores busy; "
-                 "CPU timings are unreliable (use a quiet machine, or --threads 1)")
+PLOT_DPI = 120
+LABEL_POINTS = 7  # font size of the value labels
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+def draw_figure(rows: list[dict], env: dict):
+    """One log-scale bar chart per mode: median ms per shape and contender, p10-p90 error
+    bars, each bar's median written vertically above its error bar (vertical labels need only
+    a line's height of the bar's width, so close values and narrow bars do not collide).
+    A shape's bars sit side by side without gaps for contenders it lacks (a shape without
+    torch.compile); colours and the legend keep each contender apart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    most_bars = max(sum(r["mode"] == m for r in rows) for m in modes)
+    width_in = min(max(11.0, 3.0 + 0.3 * most_bars), 24.0)  # room for every bar's label
+    fig, axes = plt.subplots(len(modes), 1, figsize=(width_in, 4.6 * len(modes)), squeeze=False,
+                             layout="constrained")
+    warning = env.get("busy_warning")
+    if warning:
+        fig.suptitle(warning, color="red", fontweight="bold", fontsize=11, wrap=True)
+    all_backends = list(dict.fromkeys(r["backend"] for r in rows))  # one colour per backend
+    plain_number = FuncFormatter(lambda value, _: f"{value:g}")
+    for ax, mode in zip(axes[:, 0], modes):
+        mine = [r for r in rows if r["mode"] == mode]
+        shapes = list(dict.fromkeys(r["shape"] for r in mine))
+        per_shape = {s: [r for r in mine if r["shape"] == s] for s in shapes}
+        width = 0.8 / max(len(group) for group in per_shape.values())
+        bar_px = width * ax.get_position().width * width_in * PLOT_DPI / len(shapes)
+        label_bars = bar_px >= 1.5 * LABEL_POINTS * PLOT_DPI / 72  # a vertical label fits
+        legend_done = set()
+        for j, shape in enumerate(shapes):
+            group = per_shape[shape]
+            for i, row in enumerate(group):
+                x = j + (i - (len(group) - 1) / 2) * width
+                median = row["median_ms"]
+                spread = [[median - row["p10_ms"]], [row["p90_ms"] - median]]
+                backend = row["backend"]
+                ax.bar(x, median, width, yerr=spread, capsize=2,
+                       color=f"C{all_backends.index(backend) % 10}",
+                       label=None if backend in legend_done else backend)
+                legend_done.add(backend)
+                if label_bars:
+                    ax.annotate(value_label(median), (x, row["p90_ms"]), xytext=(0, 2),
+                                textcoords="offset points", rotation=90, ha="center", va="bottom",
+                                fontsize=LABEL_POINTS, gid="value-label")
+        ax.set_yscale("log")
+        low = min(r["p10_ms"] for r in mine) / 1.5
+        high = max(r["p90_ms"] for r in mine)
+        # a quarter of the height above the tallest error bar holds its vertical label
+        decades = max(np.log10(high / low), 0.5)
+        ax.set_ylim(low, high * 10 ** (decades / 3))
+        ax.yaxis.set_major_formatter(plain_number)
+        if decades * 4 / 3 <= 2:  # beyond two decades the 2..9 ticks' labels would crowd
+            ax.yaxis.set_minor_formatter(plain_number)
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.set_xticks(range(len(shapes)), shapes)
+        ax.set_ylabel("median ms (log; bars p10-p90)")
+        ax.set_title(f"{mode}: {env['device_name']} ({env['device']}), {env['dtype']}, "
+                     f"F={env['frames']}" + ("" if label_bars else "; too many bars to label"))
+        handles, names = ax.get_legend_handles_labels()  # in the first-seen order of all rows
+        order = sorted(range(len(names)), key=lambda k: all_backends.index(names[k]))
+        ax.legend([handles[k] for k in order], [names[k] for k in order], fontsize=8,
+                  loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
+        if warning:  # a watermark no reader can miss, faint enough to read the bars through
+            ax.text(0.5, 0.5, "BUSY MACHINE", transform=ax.transAxes, ha="center", va="center",
+                    fontsize=44, color="red", alpha=0.15, rotation=12, zorder=5)
+    return fig
+
+
+def value_label(ms: float) -> str:
+    """A median in three significant digits without exponents: 0.123, 12.3, 1234."""
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def warn_if_busy(cores: Optional[float], env: dict) -> bool:
+    """Warn on stderr when a CPU run's sample is above the limit; True if it warned."""
+    warning = busy_warning({**env, "busy_cores_before": cores, "busy_cores_between": [],
+                            "busy_cores_after": None})
+    if warning:
+        progress(f"warning: {warning}")
+    return warning is not None
+
+
+def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) -> list[dict]:
+    """`started`: the perf_counter time the run's clock starts from (default: now)."""
+    started = time.perf_counter() if started is None else started
     args = parse_args(argv)
+    busy_before = busy_cores(0.5)
+    default_threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    elif args.device.type == "cpu":
+        torch.set_num_threads(threads_beside(busy_before, default_threads))
+    try:
+        return run_all(args, started, busy_before, default_threads)
+    finally:  # a caller in the same process (the tests) keeps its threads
+        torch.set_num_threads(default_threads)
+
+
+def run_all(args: argparse.Namespace, started: float, busy_before: Optional[float],
+            default_threads: int) -> list[dict]:
+    """Every case of the run, its output files, the table and the time it took."""
     env = environment(args)
-    env["busy_cores_before"] = busy_cores()
+    env["busy_cores_before"] = busy_before
+    if torch.get_num_threads() < default_threads and args.threads is None:
+        progress(f"other processes keep {busy_before:.1f} of {env['cpu_count']} cores busy: timing "
+                 f"on {_threads(torch.get_num_threads())} instead of {default_threads} (a thread "
+                 f"sharing a busy core stalls the others); --threads {default_threads} overrides")
+    env["busy_cores_between"] = []
     env["copy_gbps"] = copy_bandwidth_gbps(args.device, 1024 if args.device.type == "cuda" else 256)
-    progress(f"device copy bandwidth: {env['copy_gbps']:.1f} GB/s")
-    progress(f"dgsct benchmark: {env['device_name']} ({args.device}), {env['dtype']}, "
-             f"F={args.frames}, warmup {args.warmup}, repeats {args.repeats}, compile "
-             f"{'off' if args.no_compile else args.compile_mode}; writing to {args.out}")
-    warn_if_busy(env["busy_cores_before"], args.device)
-    begin = time.perf_counter()
+    env["matmul_gflops"] = matmul_gflops(args.device, args.dtype)
     cases = [(shape, mode) for shape in args.shapes for mode in args.modes]
+    cases_s, compile_s = estimate_seconds(cases, args, env["matmul_gflops"])
+    estimate = (time.perf_counter() - started + cases_s, compile_s)  # start-up is behind us
+    env["estimated_s"] = round(estimate[0], 1)
+    progress(describe_plan(cases, args, env, estimate))
+    progress(f"device copy bandwidth: {env['copy_gbps']:.1f} GB/s")
+    warned = warn_if_busy(env["busy_cores_before"], env)  # once a run; the end repeats it
+    begin = time.perf_counter()
     rows = []
     env["skipped_cases"] = []
     for i, (shape, mode) in enumerate(cases, 1):
@@ -545,14 +802,30 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                      f"{', '.join(env['skipped_cases'])}")
             break
         rows += run_case(shape, mode, args, env, f"[{i}/{len(cases)}]")
+        if i < len(cases):  # sampled while idle between cases; the run's own load is not counted
+            env["busy_cores_between"].append(busy_cores())
+            warned = warned or warn_if_busy(env["busy_cores_between"][-1], env)
+        env["busy_warning"] = busy_warning(env)
         write_results(rows, env, args.out)  # a run cut off later still leaves these rows
     env["busy_cores_after"] = busy_cores()
-    warn_if_busy(env["busy_cores_after"], args.device)
+    env["busy_warning"] = busy_warning(env)
+    env["elapsed_s"] = round(time.perf_counter() - started, 1)
     write_results(rows, env, args.out)
     print(format_table(rows))
-    progress(f"done in {time.perf_counter() - begin:.0f} s; results in {args.out}")
+    print(format_legend())
+    if env["busy_warning"]:
+        print(env["busy_warning"])
+    print(f"took {_duration(env['elapsed_s'])} (estimated {_duration(env['estimated_s'])}; "
+          f"busy cores before/between/after: {_busy_summary(env)}); results in {args.out}",
+          flush=True)
     return rows
 
 
+def _busy_summary(env: dict) -> str:
+    between = [c for c in env["busy_cores_between"] if c is not None]
+    parts = (env["busy_cores_before"], max(between) if between else None, env["busy_cores_after"])
+    return " / ".join("-" if c is None else f"{c:.1f}" for c in parts)
+
+
 if __name__ == "__main__":
-    main()
+    main(started=STARTED)

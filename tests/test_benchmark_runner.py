@@ -39,7 +39,7 @@ def run_benchmark(out: Path, *args: str) -> tuple[list[dict], dict]:
         results = json.load(f)
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert done.stdout.count("\n") >= len(rows) + 2  # the table: header, rule, one line a row
-    return rows, results
+    return rows, results, done
 
 
 def supporting_backends(shape_label: str, training: bool, monkeypatch) -> set[str]:
@@ -51,7 +51,7 @@ def supporting_backends(shape_label: str, training: bool, monkeypatch) -> set[st
 
 
 def test_tiny_run_writes_one_row_per_shape_mode_backend(tmp_path, monkeypatch):
-    rows, results = run_benchmark(tmp_path, "--shapes", "tiny", "--no-compile")
+    rows, results, printed = run_benchmark(tmp_path, "--shapes", "tiny", "--no-compile")
 
     keys = [(r["shape"], r["mode"], r["backend"]) for r in rows]
     expected = {(shape, mode, backend)
@@ -61,9 +61,23 @@ def test_tiny_run_writes_one_row_per_shape_mode_backend(tmp_path, monkeypatch):
 
     assert [{k: str(v) if v is not None else "" for k, v in r.items()} for r in results["rows"]] == rows
     header = results["header"]
-    for key in ("device_name", "torch", "triton", "python", "cpu_count", "date", "command"):
+    for key in ("device_name", "torch", "triton", "python", "cpu_count", "date", "command",
+                "busy_cores_before", "busy_cores_between", "busy_cores_after", "busy_warning",
+                "estimated_s", "elapsed_s", "run_size"):
         assert key in header
-    assert header["compile_mode"] is None
+    assert header["compile_mode"] is None and header["compile_shapes"] == []
+    assert len(header["busy_cores_between"]) == 3  # sampled between the 4 cases
+    # what the run will do and how long it should take, first; how long it took, last
+    assert "4 cases: shapes tiny-visual, tiny-audio" in printed.stderr
+    assert "estimate: about" in printed.stderr
+    assert printed.stdout.rstrip().splitlines()[-1].startswith("took ")
+    # every column of the table has a line of the legend
+    table_header = printed.stdout.splitlines()[0]
+    legend = printed.stdout.split("columns ('-': not measured for that row):\n")[1].splitlines()
+    for column in ("shape", "mode", "backend", "median ms", "p10-p90 ms", "vs eager", "saved MB",
+                   "saved/x", "activ. MB", "x floor", "GB/s", "x roofline"):
+        assert column in table_header
+        assert sum(line.strip().startswith(column + "  ") for line in legend) == 1, column
     for row in rows:
         assert float(row["median_ms"]) > 0 and row["F"] == "10" and row["dtype"] == "float32"
         measured = row["mode"] == "train-fwd+bwd"
@@ -75,7 +89,7 @@ def test_tiny_run_writes_one_row_per_shape_mode_backend(tmp_path, monkeypatch):
 
 def test_time_budget_stops_starting_cases_and_keeps_the_rows(tmp_path):
     """A spent budget skips the remaining cases, and the rows run so far are written."""
-    rows, results = run_benchmark(tmp_path, "--shapes", "tiny", "--no-compile", "--time-budget", "0")
+    rows, results, _ = run_benchmark(tmp_path, "--shapes", "tiny", "--no-compile", "--time-budget", "0")
     assert {(r["shape"], r["mode"]) for r in rows} == {("tiny-visual", "eval-fwd")}
     assert results["header"]["skipped_cases"] == ["tiny-visual train-fwd+bwd", "tiny-audio eval-fwd",
                                                   "tiny-audio train-fwd+bwd"]
@@ -83,7 +97,7 @@ def test_time_budget_stops_starting_cases_and_keeps_the_rows(tmp_path):
 
 @pytest.mark.slow
 def test_compile_baseline_is_timed_and_its_saved_tensors_counted(tmp_path):
-    rows, results = run_benchmark(tmp_path, "--shapes", "tiny-visual", "--modes", "train-fwd+bwd")
+    rows, results, _ = run_benchmark(tmp_path, "--shapes", "tiny-visual", "--modes", "train-fwd+bwd")
 
     assert results["header"]["compile_mode"] == "default"
     compiled = [r for r in rows if r["backend"] == "compile"]
@@ -127,10 +141,130 @@ def test_bad_arguments_are_named(monkeypatch, capsys):
     run = import_runner(monkeypatch)
 
     for argv, named in ((["--frames", "15"], "--frames=15"), (["--shapes", "s9"], "--shapes='s9'"),
-                        (["--modes", "train"], "--modes"), (["--repeats", "0"], "--repeats=0")):
+                        (["--modes", "train"], "--modes"), (["--repeats", "0"], "--repeats=0"),
+                        (["--compile-shapes", "s9"], "--compile-shapes='s9'"),
+                        (["--compile-shapes", "s1-visual"], "--compile-shapes='s1-visual'"),
+                        (["--compile-shapes", "all", "--no-compile"], "--compile-shapes='all'")):
         with pytest.raises(SystemExit):
             run.parse_args(["--device", "cpu", *argv])
         assert named in capsys.readouterr().err
+
+
+def labels(shapes) -> list[str]:
+    return [s.label for s in shapes]
+
+
+def test_cpu_default_is_quick_and_full_is_behind_a_flag(monkeypatch):
+    """A first CPU run takes minutes, not a quarter of an hour: the stage-2 pair, few calls,
+    and torch.compile (15-50 s of warm-up a case) on one shape; --full and explicit flags
+    bring back the rest. GPU defaults stay full."""
+    run = import_runner(monkeypatch)
+    quick = run.parse_args(["--device", "cpu"])
+    assert quick.run_size == "quick"
+    assert labels(quick.shapes) == ["s2-visual", "s2-audio"] and labels(quick.compile_shapes) == ["s2-visual"]
+    assert (quick.repeats, quick.warmup) == (5, 1)
+
+    full = run.parse_args(["--device", "cpu", "--full"])
+    assert full.run_size == "full" and labels(full.shapes) == ["s1-visual", "s1-audio", "s2-visual", "s2-audio"]
+    assert full.compile_shapes == full.shapes and (full.repeats, full.warmup) == (10, 2)
+
+    explicit = run.parse_args(["--device", "cpu", "--full", "--shapes", "s3", "--repeats", "3",
+                               "--compile-shapes", "s3-audio"])
+    assert labels(explicit.shapes) == ["s3-visual", "s3-audio"] and explicit.repeats == 3
+    assert labels(explicit.compile_shapes) == ["s3-audio"] and explicit.warmup == 2
+    assert run.parse_args(["--device", "cpu", "--compile-shapes", "all"]).compile_shapes == quick.shapes
+    assert run.parse_args(["--device", "cpu", "--no-compile"]).compile_shapes == []
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = run.parse_args(["--device", "cuda"])
+    assert gpu.run_size == "full" and labels(gpu.shapes) == labels(run.select_shapes("all"))
+    assert gpu.compile_shapes == gpu.shapes and (gpu.repeats, gpu.warmup, gpu.frames) == (50, 10, 80)
+
+
+def test_quick_cpu_default_fits_three_minutes_by_its_own_estimate(monkeypatch):
+    """The estimate printed at the start, for the default on a 2-core CPU's matmul rate
+    (250 GFLOP/s), plus 15 s of start-up, stays within 3 minutes; --full does not."""
+    run = import_runner(monkeypatch)
+
+    def estimate(*argv):
+        args = run.parse_args(["--device", "cpu", *argv])
+        cases = [(shape, mode) for shape in args.shapes for mode in args.modes]
+        return run.estimate_seconds(cases, args, gflops=250.0)
+
+    total, compile_s = estimate()
+    assert 0 < compile_s < total and total + 15 <= 180
+    assert estimate("--full")[0] > 2 * total
+    assert estimate("--no-compile")[1] == 0
+
+
+def fake_rows(shapes: int, backends: int, mode: str = "eval-fwd") -> list[dict]:
+    """Rows with close medians (labels that would collide horizontally) and wide spreads."""
+    return [{"mode": mode, "shape": f"shape-{i}", "backend": f"backend-{j}",
+             "median_ms": 1234.5 + j, "p10_ms": 1000.0 + j, "p90_ms": 1500.0 + 7 * j}
+            for i in range(shapes) for j in range(backends)]
+
+
+ENV = {"device": "cpu", "device_name": "Test CPU", "dtype": "float32", "frames": 10, "cpu_count": 2}
+
+
+@pytest.mark.parametrize("shapes, backends", [(2, 4), (8, 7)])
+def test_plot_value_labels_do_not_overlap(monkeypatch, shapes, backends):
+    run = import_runner(monkeypatch)
+    import matplotlib.pyplot as plt
+
+    rows = fake_rows(shapes, backends) + fake_rows(shapes, backends, "train-fwd+bwd")
+    # like the quick CPU run: the second contender timed on the first shape only
+    rows = [r for r in rows if r["backend"] != "backend-1" or r["shape"] == "shape-0"]
+    fig = run.draw_figure(rows, ENV)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.findobj(lambda a: a.get_gid() == "value-label")]
+    assert len(texts) == len(rows) and {t.get_text() for t in texts} == {
+        run.value_label(r["median_ms"]) for r in rows}
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    figure_box = fig.bbox
+    for i, box in enumerate(boxes):
+        assert figure_box.x0 <= box.x0 and box.x1 <= figure_box.x1
+        assert figure_box.y0 <= box.y0 and box.y1 <= figure_box.y1, texts[i].get_text()
+        assert not any(box.overlaps(other) for other in boxes[i + 1:]), texts[i].get_text()
+    legends = [ax.get_legend() for ax in fig.axes]
+    assert all([t.get_text() for t in legend.get_texts()] == [f"backend-{j}" for j in range(backends)]
+               for legend in legends)
+    legend_boxes = [legend.get_window_extent(renderer) for legend in legends]
+    assert not any(box.overlaps(legend) for box in boxes for legend in legend_boxes)
+    plt.close(fig)
+
+
+def test_busy_machine_is_marked_in_output_json_and_plot(tmp_path, monkeypatch, capsys):
+    run = import_runner(monkeypatch)
+    assert run.busy_warning({**ENV, "busy_cores_before": 0.1, "busy_cores_between": [0.4],
+                             "busy_cores_after": None}) is None
+    assert run.busy_warning({**ENV, "device": "cuda:0", "busy_cores_before": 3.0}) is None
+    quiet = run.busy_cores(0.05)
+    assert quiet is None or quiet >= 0
+
+    samples = iter([0.0, 1.2, 0.1])  # before, between the two cases, after
+    monkeypatch.setattr(run, "busy_cores", lambda interval_s=0.25: next(samples))
+    argv = ["--device", "cpu", "--shapes", "tiny", "--modes", "eval-fwd", "--no-compile",
+            "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]
+    run.main(argv)
+    printed = capsys.readouterr()
+    header = json.loads((tmp_path / "results.json").read_text())["header"]
+    assert (header["busy_cores_before"], header["busy_cores_between"], header["busy_cores_after"]) == (
+        0.0, [1.2], 0.1)
+    assert "BUSY MACHINE" in header["busy_warning"] and "1.2 of 2 cores" in header["busy_warning"]
+    assert header["busy_warning"] in printed.out and "1.2 of 2 cores busy" in printed.err
+
+    import matplotlib.pyplot as plt
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    fig = run.draw_figure(rows, header)
+    assert "BUSY MACHINE" in fig.get_suptitle()
+    assert all(any(t.get_text() == "BUSY MACHINE" for t in ax.texts) for ax in fig.axes)
+    plt.close(fig)
+    quiet_fig = run.draw_figure(rows, {**header, "busy_warning": None})
+    assert quiet_fig.get_suptitle() == ""
+    assert not any(t.get_text() == "BUSY MACHINE" for ax in quiet_fig.axes for t in ax.texts)
+    plt.close(quiet_fig)
 
 
 def test_gpu_winners_feed_auto(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ model (CPU)."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -34,8 +35,12 @@ def test_main_runs_on_tiny_synthetic_data(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     summary = train_ave.main(["--synthetic-videos", "4,0,2", "--epochs", "1", "--max-steps", "1",
                               "--batch-size", "2", "--out", str(out), "--no-progress"])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "all-background baseline" in printed and "final test accuracy" in printed
+    # how long it should take, at the start; how long it took, at the end
+    assert "expected time: about" in captured.err and "took " in printed
+    assert summary["expected_seconds"] > 0 and summary["seconds"] > 0
     assert [h["epoch"] for h in summary["history"]] == [1]
     assert summary["history"][0]["segments"] == 20  # the 2 test clips, 10 segments each
     assert 0 <= summary["final_acc"] <= 100 and 0 < summary["background_acc"] < 100
@@ -50,6 +55,20 @@ def test_main_runs_on_tiny_synthetic_data(tmp_path, monkeypatch, capsys):
     assert again["final_acc"] == summary["best_acc"]
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_main_trains_under_autocast(tmp_path, monkeypatch, dtype):
+    """--autocast: one step in bf16 (fp16 with a GradScaler) on the CPU; weights stay float32."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    train_ave = _load_script()
+    summary = train_ave.main(["--synthetic-videos", "4,0,2", "--epochs", "1", "--max-steps", "1",
+                              "--batch-size", "2", "--out", str(tmp_path / "run"), "--no-progress",
+                              "--autocast", dtype])
+    assert math.isfinite(summary["history"][0]["train_loss"])
+    assert 0 <= summary["final_acc"] <= 100
+
+
 def test_parse_args_uses_preset_defaults():
     train_ave = _load_script()
     paper = train_ave.parse_args(["--preset", "paper"])
@@ -59,6 +78,66 @@ def test_parse_args_uses_preset_defaults():
     assert tiny.preset == "tiny" and tiny.lr == 0.1
     with pytest.raises(SystemExit):
         train_ave.parse_args(["--batch-size", "0"])
+
+
+def test_bad_arguments_are_named(capsys):
+    train_ave = _load_script()
+    for argv, named in ((["--synthetic-videos", "4,2"], "--synthetic-videos='4,2'"),
+                        (["--synthetic-videos", "a,b,c"], "--synthetic-videos='a,b,c'"),
+                        (["--synthetic-videos", "0,0,0"], "--synthetic-videos='0,0,0'"),
+                        (["--max-steps", "-1"], "--max-steps=-1"), (["--epochs", "0"], "--epochs=0")):
+        with pytest.raises(SystemExit):
+            train_ave.parse_args(argv)
+        assert named in capsys.readouterr().err
+
+
+def test_default_run_is_sized_for_a_few_minutes_on_two_cores():
+    """`python python/train_ave.py` without arguments: the tiny preset on 32 synthetic train
+    clips for 10 epochs (enough to beat the all-background baseline clearly, 71% against 39%
+    when measured), which the per-clip costs measured on 2 cores put under 3 minutes."""
+    train_ave = _load_script()
+    args = train_ave.parse_args([])
+    assert (args.preset, args.synthetic_videos, args.epochs, args.batch_size) == ("tiny", "32,8,16", 10, 4)
+    expected = train_ave.expected_seconds(args, torch.device("cpu"), 32, 16, world=1)
+    assert 30 < expected <= 180
+    # --max-steps and more processes shrink each process's share; no figure for other presets
+    smoke = train_ave.parse_args(["--max-steps", "1", "--batch-size", "2", "--epochs", "1"])
+    assert train_ave.clips_per_epoch(32, smoke, world=2) == 2
+    assert train_ave.expected_seconds(smoke, torch.device("cpu"), 32, 16, world=2) < expected / 2
+    paper = train_ave.parse_args(["--preset", "paper"])
+    assert train_ave.expected_seconds(paper, torch.device("cpu"), 32, 16, world=1) is None
+
+
+def test_threads_follow_the_cores_other_processes_leave_free(monkeypatch):
+    """Fewer threads at once when other processes take cores, more again after 3 quieter
+    steps; the measurement leaves out this process's own CPU time (dgsct_kernels.cpu_load,
+    which the script uses)."""
+    from dgsct_kernels import cpu_load
+    monkeypatch.setattr(cpu_load.os, "cpu_count", lambda: 2)
+    totals = [0, 0, 0.0, 0.0]  # busy ticks, all ticks, own CPU s, wall s (100 ticks a core-second)
+    steps = iter([(1.0, 1.0)] + [(0.0, 1.0)] * 3 + [(1.5, 0.5), (0.4, 1.6)])  # (others, own) cores
+
+    def one_second_later():
+        others, own = next(steps)
+        totals[0] += round(100 * (others + own))
+        totals[1] += 200
+        totals[2] += own
+        totals[3] += 1.0
+        return cpu_load.CpuSample(*totals)
+
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(cpu_load, "cpu_sample", lambda: cpu_load.CpuSample(*totals))
+        threads = cpu_load.FreeCoreThreads(most=2)  # marks the start
+        monkeypatch.setattr(cpu_load, "cpu_sample", one_second_later)
+        seen = []
+        for _ in range(6):
+            threads.update()
+            seen.append(torch.get_num_threads())
+        assert seen == [1, 1, 1, 2, 1, 1]
+    finally:
+        torch.set_num_threads(original)
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
