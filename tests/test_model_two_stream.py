@@ -322,3 +322,12 @@ def test_build_dgsct_refuses_bad_arguments(tmp_path):
         build_dgsct("ave", "tiny", weights=tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="backend"):
         build_dgsct("ave", "tiny", backend="gpu-magic")
+
+
+def test_readme_task_names_are_the_code_names():
+    """Every `task="..."` the README shows is a key of TASKS, and every task is shown."""
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = set(re.findall(r'task="(\w+)"', readme))
+    assert shown == set(TASKS), f"README shows {sorted(shown)}, TASKS has {sorted(TASKS)}"
