@@ -113,3 +113,18 @@ def runnable_backends(dtype=torch.float32, case: Case = SMALL) -> list[str]:
                 num_latents=case.num_latents, hidden=case.dim // case.reduction, groups=case.groups)
     probe = dispatch.Problem("cpu", dtype, dims, case.frames, True, True)
     return [b.name for b in dispatch.registered_backends() if b.supports(probe)]
+
+
+def randomised_tiny_ave_model(seed: int):
+    """The tiny AVE model with every trainable tensor random (positive running variances),
+    so a load that copies anything is visible."""
+    from dgsct_kernels.models import build_dgsct, trainable_state_dict
+
+    torch.manual_seed(seed)
+    model = build_dgsct("ave", "tiny", backend="reference")
+    with torch.no_grad():
+        for key, value in trainable_state_dict(model).items():
+            if value.is_floating_point():
+                noise = torch.randn_like(value)
+                value.copy_(noise.abs() + 0.5 if key.endswith("running_var") else noise)
+    return model

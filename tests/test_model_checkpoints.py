@@ -17,19 +17,12 @@ from dgsct_kernels.models import (
 from dgsct_kernels.models.checkpoints import authors_key_map
 from dgsct_kernels.models.encoders.htsat import htsat_state_dict_to_original
 from dgsct_kernels.module import TEMPORAL_GATE_KEYS
+from _support import randomised_tiny_ave_model
 
 
 @pytest.fixture(scope="module")
 def source():
-    """A tiny model with every trainable tensor randomised (so loads are visible)."""
-    torch.manual_seed(10)
-    model = build_dgsct("ave", "tiny", backend="reference")
-    with torch.no_grad():
-        for key, value in trainable_state_dict(model).items():
-            if value.is_floating_point():
-                noise = torch.randn_like(value)
-                value.copy_(noise.abs() + 0.5 if key.endswith("running_var") else noise)
-    return model
+    return randomised_tiny_ave_model(seed=10)
 
 
 @pytest.fixture

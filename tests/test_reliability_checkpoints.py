@@ -23,7 +23,7 @@ from dgsct_kernels.models.checkpoints import TRAINABLE_FORMAT, authors_key_map, 
 from dgsct_kernels.models.encoders.htsat import htsat_state_dict_to_original
 from dgsct_kernels.models.presets import PAPER, TINY, random_encoders_warning, with_overrides
 from dgsct_kernels.module import TEMPORAL_GATE_KEYS
-from _support import SMALL, make_module
+from _support import SMALL, make_module, randomised_tiny_ave_model
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -144,15 +144,7 @@ def test_authors_state_dict_refusals_copy_nothing(edit, words):
 
 @pytest.fixture(scope="module")
 def source():
-    """A tiny model with every trainable tensor randomised, so loads are visible."""
-    torch.manual_seed(20)
-    model = build_dgsct("ave", "tiny", backend="reference")
-    with torch.no_grad():
-        for key, value in trainable_state_dict(model).items():
-            if value.is_floating_point():
-                noise = torch.randn_like(value)
-                value.copy_(noise.abs() + 0.5 if key.endswith("running_var") else noise)
-    return model
+    return randomised_tiny_ave_model(seed=20)
 
 
 @pytest.fixture(scope="module")
