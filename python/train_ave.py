@@ -57,6 +57,7 @@ from dgsct_kernels.data import (
 from dgsct_kernels.models import build_dgsct, save_trainable
 from dgsct_kernels.models.heads.ave import ave_loss
 from dgsct_kernels.models.presets import PRESETS
+from dgsct_kernels.models.registry import get_task
 
 log = logging.getLogger("train_ave")
 BACKGROUND = 28
@@ -109,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--eval-only", action="store_true", help="evaluate, do not train")
     args = p.parse_args(argv)
-    defaults = PRESETS[args.preset].train
+    defaults = get_task("ave").training_defaults(args.preset)
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

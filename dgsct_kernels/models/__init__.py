@@ -16,6 +16,7 @@ from .checkpoints import (
     trainable_state_dict,
 )
 from .presets import PRESETS, TASKS, ModelPreset, TaskModules, build_dgsct
+from .registry import Task, get_task, register_task, task_names
 from .two_stream import TwoStreamEncoder, count_modules, pair_blocks
 
 __all__ = [
@@ -25,13 +26,17 @@ __all__ = [
     "CheckpointError",
     "LoadReport",
     "ModelPreset",
+    "Task",
     "TaskModules",
     "TwoStreamEncoder",
     "build_dgsct",
     "count_modules",
+    "get_task",
     "load_authors_checkpoint",
     "load_trainable",
     "pair_blocks",
+    "register_task",
     "save_trainable",
+    "task_names",
     "trainable_state_dict",
 ]

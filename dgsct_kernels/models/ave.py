@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 from ..module import check_state_dict
@@ -80,6 +81,13 @@ class AVEModel(nn.Module):
         if frames.device != audio.device:
             raise ValueError(f"frames on {frames.device} and audio on {audio.device}: expected "
                              "one device")
+
+    def example_inputs(self, batch: int = 1, *, seed: int = 0) -> dict[str, Tensor]:
+        """Random inputs of the right shapes for `model(**inputs)` (tests, benchmarks, docs)."""
+        generator = torch.Generator().manual_seed(seed)
+        t, s = self.segments, self.image_size
+        return {"frames": torch.randn(batch, t, 3, s, s, generator=generator),
+                "audio": 0.1 * torch.randn(batch, t, self.segment_samples, generator=generator)}
 
     def forward(self, frames: Tensor, audio: Tensor) -> dict:
         self._check_inputs(frames, audio)

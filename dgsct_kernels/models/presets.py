@@ -60,7 +60,6 @@ TASKS: dict[str, TaskModules] = {
     "avqa": TaskModules(0.3, 0.05, 0.0, 2, 8, 10, False, None),
     "pretrain": TaskModules(0.3, 0.01, 0.05, 2, 8, 10, False, None),
 }
-BUILT_TASKS = ("ave",)  # tasks with a model (head, data) in this library so far
 
 
 @dataclass(frozen=True)
@@ -73,22 +72,18 @@ class ModelPreset:
     clip_samples: int  # each segment is tiled to this many samples before the audio encoder
     visual: dict = field(default_factory=dict)  # build_swin_v2 arguments
     audio: dict = field(default_factory=dict)  # HTSAT arguments
-    head: dict = field(default_factory=dict)  # head arguments
-    train: dict = field(default_factory=dict)  # python/train_ave.py defaults
+    head: dict = field(default_factory=dict)  # head arguments (the task's head)
     # the encoders are meant to be loaded from pretrained weights; build_dgsct warns without
     pretrained_encoders: bool = False
 
 
-# The paper: Swin-V2-L at 192 px, HTS-AT (AudioSet) on 1 s at 32 kHz tiled to 10 s.
-# Training as the authors' AVE train.sh: batch 8, gradients over 2 batches, Adam lr 5e-4,
-# StepLR(3 epochs, 0.35), 50 epochs, early stop after 20 epochs without improvement, seed 43.
+# The paper: Swin-V2-L at 192 px, HTS-AT (AudioSet) on 1 s at 32 kHz tiled to 10 s, with
+# AVE's head. Training defaults live with the task (registry.py).
 PAPER = ModelPreset(
     name="paper", image_size=192, segment_samples=32000, clip_samples=320000,
     visual={"name": "swinv2_large_window12_192"},
     audio={},  # HTSAT's defaults are the paper's
     head={"visual_dim": 1536, "audio_dim": 768},
-    train={"batch_size": 8, "accum_steps": 2, "lr": 5e-4, "decay": 0.35, "decay_epochs": 3,
-           "epochs": 50, "early_stop": 20, "seed": 43, "num_workers": 16},
     pretrained_encoders=True,
 )
 
@@ -104,16 +99,8 @@ TINY = ModelPreset(
            "window_size": 4, "time_drop_width": 4, "freq_drop_width": 2},
     head={"visual_dim": 128, "audio_dim": 128, "video_fc_dim": 32, "audio_fc_dim": 16,
           "d_model": 32, "num_heads": 4, "ff_dim": 64},
-    train={"batch_size": 4, "accum_steps": 1, "lr": 2e-3, "decay": 0.5, "decay_epochs": 4,
-           "epochs": 10, "early_stop": 0, "seed": 0, "num_workers": 0},
 )
-PRESETS: dict[str, ModelPreset] = {"paper": PAPER, "tiny": TINY}
-
-
-def get_task(task: str) -> TaskModules:
-    if task not in TASKS:
-        raise ValueError(f"task={task!r}: expected one of {sorted(TASKS)}")
-    return TASKS[task]
+PRESETS: dict[str, ModelPreset] = {"paper": PAPER, "tiny": TINY}  # AVE's (registry.py)
 
 
 def get_preset(preset: str | ModelPreset) -> ModelPreset:
@@ -175,16 +162,16 @@ def build_dgsct(task: str = "ave", preset: str | ModelPreset = "paper",
     encoders (the paper's) warns (`UserWarning`) when `weights` lacks "visual" or "audio".
     """
     from . import checkpoints
-    from .ave import AVEModel
     from .encoders.htsat import HTSAT
     from .encoders.swin_v2 import build_swin_v2
-    from .heads.ave import AVEHead
+    from .registry import get_task, task_names
 
-    modules = get_task(task)
-    if task not in BUILT_TASKS:
-        raise NotImplementedError(f"task={task!r}: its presets exist (TASKS) but its model does "
-                                  f"not yet; built tasks: {list(BUILT_TASKS)}")
-    spec = get_preset(preset)
+    entry = get_task(task)
+    if not entry.built:
+        raise NotImplementedError(f"task={task!r}: its settings exist (TASKS) but its model does "
+                                  f"not yet; built tasks: {task_names(built=True)}")
+    modules = entry.modules
+    spec = entry.preset(preset)
     files = normalize_weights(weights)
     warning = random_encoders_warning(spec, files)
     if warning:
@@ -198,9 +185,10 @@ def build_dgsct(task: str = "ave", preset: str | ModelPreset = "paper",
     reports = {"visual": getattr(visual, "weights_report", None)}
     if "audio" in files:
         reports["audio"] = checkpoints.load_htsat(audio, files["audio"])
-    head = AVEHead(gate_weight=modules.gate_weight, **spec.head)
-    model = AVEModel(visual, audio, head, modules=modules, preset=spec, backend=backend,
-                     encoders_eval=encoders_eval)
+    head = entry.head(modules, spec)
+    model = entry.model(visual, audio, head, modules=modules, preset=spec, backend=backend,
+                        encoders_eval=encoders_eval)
+    model.task = entry.name
     if "dgsct" in files:
         reports["dgsct"] = checkpoints.load_dgsct(model, files["dgsct"])
     # what each loader did (loaded / ignored keys); None where nothing was loaded

@@ -1,0 +1,152 @@
+"""The task registry: one place that maps a task name to everything the task needs.
+
+A `Task` holds SPEC.md's DG-SCT settings for the task (`TaskModules`), its model presets
+(encoders, input sizes, head sizes), its training defaults per preset, and, once the
+task is built in this library, how to make its head and model, its loss, its data
+reader and synthetic data, its evaluation, and how its head's keys are spelled in the
+authors' checkpoints. `build_dgsct` and the training entry point read only this.
+
+Adding a task: write its head, loss, data reader and evaluator, then `register_task(Task(...))`.
+Names are case-insensitive (`"AVE"` is `"ave"`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from torch import nn
+
+from .presets import PAPER, TASKS, TINY, ModelPreset, TaskModules
+
+
+def _same_key(key: str) -> str:
+    return key
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    modules: TaskModules  # SPEC.md's row: the DG-SCT modules' hyper-parameters
+    presets: Mapping[str, ModelPreset] = field(default_factory=dict)
+    training: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per preset
+    # (modules, preset) -> head; (visual, audio, head, modules=, preset=, backend=,
+    # encoders_eval=) -> model. None until the task is built here.
+    head: Optional[Callable[[TaskModules, ModelPreset], nn.Module]] = None
+    model: Optional[Callable[..., nn.Module]] = None
+    loss: Optional[Callable] = None  # (outputs, batch) -> (loss, {name: float})
+    dataset: Optional[Callable] = None  # (root, split, **options) -> Dataset
+    write_synthetic: Optional[Callable] = None  # (root, **options) -> None
+    evaluator: Optional[Callable] = None  # () -> object with add(outputs, batch), result()
+    head_key_map: Callable[[str], str] = _same_key  # our head key -> the authors'
+
+    @property
+    def built(self) -> bool:
+        return None not in (self.head, self.model, self.loss, self.dataset, self.evaluator)
+
+    def preset(self, preset: str | ModelPreset) -> ModelPreset:
+        """A preset by name (case-insensitive), or a ModelPreset as given."""
+        if isinstance(preset, ModelPreset):
+            return preset
+        key = preset.lower() if isinstance(preset, str) else preset
+        if key not in self.presets:
+            raise ValueError(f"preset={preset!r}: task {self.name!r} has presets "
+                             f"{sorted(self.presets)}, or pass a ModelPreset")
+        return self.presets[key]
+
+    def training_defaults(self, preset: str | ModelPreset) -> dict[str, Any]:
+        name = preset.name if isinstance(preset, ModelPreset) else str(preset).lower()
+        if name not in self.training:
+            raise ValueError(f"preset={preset!r}: task {self.name!r} has training defaults for "
+                             f"{sorted(self.training)}")
+        return dict(self.training[name])
+
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add (or, for the same name, replace) a task."""
+    if task.name != task.name.lower():
+        raise ValueError(f"Task name {task.name!r}: expected lower case (names are case-insensitive)")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if not isinstance(name, str) or name.lower() not in _REGISTRY:
+        raise ValueError(f"task={name!r}: unknown; expected one of {task_names()} "
+                         f"(built: {task_names(built=True)})")
+    return _REGISTRY[name.lower()]
+
+
+def task_names(built: Optional[bool] = None) -> list[str]:
+    """Registered task names; `built=True` only those with a model here."""
+    return sorted(n for n, t in _REGISTRY.items() if built is None or t.built == built)
+
+
+# The authors' AVE training (their train.sh): batch 8, gradients over 2 batches, Adam lr
+# 5e-4, StepLR(3 epochs, 0.35), 50 epochs, early stop after 20 epochs without improvement,
+# seed 43. The tiny preset is sized to learn the synthetic set in well under a minute.
+AVE_TRAINING = {
+    "paper": {"batch_size": 8, "accum_steps": 2, "lr": 5e-4, "decay": 0.35, "decay_epochs": 3,
+              "epochs": 50, "early_stop": 20, "seed": 43, "num_workers": 16},
+    "tiny": {"batch_size": 4, "accum_steps": 1, "lr": 2e-3, "decay": 0.5, "decay_epochs": 4,
+             "epochs": 10, "early_stop": 0, "seed": 0, "num_workers": 0},
+}
+
+
+def _ave_head(modules: TaskModules, preset: ModelPreset) -> nn.Module:
+    from .heads.ave import AVEHead
+    return AVEHead(gate_weight=modules.gate_weight, **preset.head)
+
+
+def _ave_model(*args, **kwargs) -> nn.Module:
+    from .ave import AVEModel
+    return AVEModel(*args, **kwargs)
+
+
+def _ave_loss(outputs, batch):
+    from .heads.ave import ave_loss
+    return ave_loss(outputs, batch["labels"])
+
+
+def _ave_dataset(root, split, **options):
+    from ..data.ave import AVEDataset
+    return AVEDataset(root, split, **options)
+
+
+def _ave_synthetic(root, **options):
+    from ..data.ave import write_synthetic_ave
+    return write_synthetic_ave(root, **options)
+
+
+class AVEEvaluator:
+    """Segment accuracy over a split, next to the all-background baseline."""
+
+    def __init__(self) -> None:
+        self.correct = self.background = self.total = 0
+
+    def add(self, outputs, batch) -> None:
+        from ..data.ave import BACKGROUND, segment_predictions
+        target = batch["labels"].argmax(dim=-1)
+        pred = segment_predictions(outputs["is_event"].float(), outputs["event"].float())
+        self.correct += int(pred.eq(target).sum())
+        self.background += int(target.eq(BACKGROUND).sum())
+        self.total += target.numel()
+
+    def counts(self) -> list[int]:
+        return [self.correct, self.background, self.total]
+
+    def result(self) -> dict[str, float]:
+        total = max(self.total, 1)
+        return {"acc": 100.0 * self.correct / total, "background_acc": 100.0 * self.background / total,
+                "segments": self.total}
+
+
+register_task(Task("ave", TASKS["ave"], presets={"paper": PAPER, "tiny": TINY}, training=AVE_TRAINING,
+                   head=_ave_head, model=_ave_model, loss=_ave_loss, dataset=_ave_dataset,
+                   write_synthetic=_ave_synthetic, evaluator=AVEEvaluator))
+for _name, _modules in TASKS.items():  # SPEC.md's other tasks: settings only, so far
+    if _name not in _REGISTRY:
+        register_task(Task(_name, _modules))
