@@ -14,10 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dgsct_kernels.models import build_dgsct, load_trainable
+from dgsct_kernels import train
+from dgsct_kernels.models import build_dgsct, get_task, load_trainable
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "python" / "train_ave.py"
+AVE = get_task("ave")
 
 
 def _load_script():
@@ -43,7 +45,7 @@ def test_main_runs_on_tiny_synthetic_data(tmp_path, monkeypatch, capsys):
     assert summary["expected_seconds"] > 0 and summary["seconds"] > 0
     assert [h["epoch"] for h in summary["history"]] == [1]
     assert summary["history"][0]["segments"] == 20  # the 2 test clips, 10 segments each
-    assert 0 <= summary["final_acc"] <= 100 and 0 < summary["background_acc"] < 100
+    assert 0 <= summary["final_acc"] <= 100 and 0 < summary["final_background_acc"] < 100
     model = build_dgsct("ave", "tiny", weights=out / "ave_tiny_best.safetensors")
     assert model.weights_report["dgsct"].loaded > 0
     load_trainable(model, out / "ave_tiny_last.safetensors")
@@ -98,14 +100,14 @@ def test_default_run_is_sized_for_a_few_minutes_on_two_cores():
     train_ave = _load_script()
     args = train_ave.parse_args([])
     assert (args.preset, args.synthetic_videos, args.epochs, args.batch_size) == ("tiny", "32,8,16", 10, 4)
-    expected = train_ave.expected_seconds(args, torch.device("cpu"), 32, 16, world=1)
+    expected = train.expected_seconds(args, AVE, torch.device("cpu"), 32, 16, world=1)
     assert 30 < expected <= 180
     # --max-steps and more processes shrink each process's share; no figure for other presets
     smoke = train_ave.parse_args(["--max-steps", "1", "--batch-size", "2", "--epochs", "1"])
-    assert train_ave.clips_per_epoch(32, smoke, world=2) == 2
-    assert train_ave.expected_seconds(smoke, torch.device("cpu"), 32, 16, world=2) < expected / 2
+    assert train.clips_per_epoch(32, smoke, world=2) == 2
+    assert train.expected_seconds(smoke, AVE, torch.device("cpu"), 32, 16, world=2) < expected / 2
     paper = train_ave.parse_args(["--preset", "paper"])
-    assert train_ave.expected_seconds(paper, torch.device("cpu"), 32, 16, world=1) is None
+    assert train.expected_seconds(paper, AVE, torch.device("cpu"), 32, 16, world=1) is None
 
 
 def test_threads_follow_the_cores_other_processes_leave_free(monkeypatch):

@@ -82,6 +82,8 @@ class AVEModel(nn.Module):
             raise ValueError(f"frames on {frames.device} and audio on {audio.device}: expected "
                              "one device")
 
+    input_names = ("frames", "audio")  # forward's arguments, as a dataset item names them
+
     def example_inputs(self, batch: int = 1, *, seed: int = 0) -> dict[str, Tensor]:
         """Random inputs of the right shapes for `model(**inputs)` (tests, benchmarks, docs)."""
         generator = torch.Generator().manual_seed(seed)
