@@ -1,5 +1,6 @@
-"""The AVE model: the two-stream encoder with DG-SCT modules, pooled per segment, then the
-AVE head (temporal attention + CMBS). Build it with `build_dgsct(task="ave", ...)`."""
+"""What every task model shares: the two-stream encoder with DG-SCT modules, its outputs
+pooled per segment, then the task's head. A task subclasses `TaskModel` to name its head's
+extra inputs (AVVP's clip features); `build_dgsct(task=...)` builds it."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -14,12 +15,10 @@ if TYPE_CHECKING:
     from .presets import ModelPreset, TaskModules
 
 
-class AVEModel(nn.Module):
-    """`model(frames=[B, T, 3, S, S], audio=[B, T, samples])` -> dict of outputs:
+class TaskModel(nn.Module):
+    """`model(frames=[B, T, 3, S, S], audio=[B, T, samples], **extra)` -> dict of outputs:
 
-      is_event      [B, T]       per-segment event logits
-      event         [B, classes] clip class logits
-      av_score, gate             the head's other outputs (see AVEHead)
+      the head's outputs (see the task's head), from head(visual, audio, **extra)
       features      {"visual": [B, T, Cv], "audio": [B, T, Ca]}  pooled encoder outputs
       spatial_maps  {"visual": [B, T, H, W], "audio": [B, T, h, w]}  last p2 modules' maps
 
@@ -82,22 +81,45 @@ class AVEModel(nn.Module):
             raise ValueError(f"frames on {frames.device} and audio on {audio.device}: expected "
                              "one device")
 
-    input_names = ("frames", "audio")  # forward's arguments, as a dataset item names them
+    # the head's extra inputs: name -> (per-clip shape after [B], what it is)
+    extra_inputs: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """forward's arguments, as a dataset item names them."""
+        return ("frames", "audio", *self.extra_inputs)
 
     def example_inputs(self, batch: int = 1, *, seed: int = 0) -> dict[str, Tensor]:
         """Random inputs of the right shapes for `model(**inputs)` (tests, benchmarks, docs)."""
         generator = torch.Generator().manual_seed(seed)
         t, s = self.segments, self.image_size
-        return {"frames": torch.randn(batch, t, 3, s, s, generator=generator),
-                "audio": 0.1 * torch.randn(batch, t, self.segment_samples, generator=generator)}
+        inputs = {"frames": torch.randn(batch, t, 3, s, s, generator=generator),
+                  "audio": 0.1 * torch.randn(batch, t, self.segment_samples, generator=generator)}
+        for name, (shape, _) in self.extra_inputs.items():
+            inputs[name] = torch.randn(batch, *shape, generator=generator)
+        return inputs
 
-    def forward(self, frames: Tensor, audio: Tensor) -> dict:
+    def _check_extra(self, frames: Tensor, extra: dict[str, Tensor]) -> None:
+        unknown = sorted(set(extra) - set(self.extra_inputs))
+        missing = sorted(set(self.extra_inputs) - set(extra))
+        if unknown or missing:
+            raise TypeError(f"{type(self).__name__}: unexpected inputs {unknown}, missing inputs "
+                            f"{missing}; it takes {list(self.input_names)}")
+        for name, (shape, what) in self.extra_inputs.items():
+            x, want = extra[name], f"[B={frames.shape[0]}, {', '.join(map(str, shape))}] floating ({what})"
+            if not isinstance(x, Tensor) or not x.is_floating_point():
+                raise TypeError(f"{name}: got {getattr(x, 'dtype', type(x).__name__)}, expected {want}")
+            if tuple(x.shape) != (frames.shape[0], *shape):
+                raise ValueError(f"{name}: shape {tuple(x.shape)}, expected {want}")
+
+    def forward(self, frames: Tensor, audio: Tensor, **extra: Tensor) -> dict:
         self._check_inputs(frames, audio)
+        self._check_extra(frames, extra)
         b, t = frames.shape[:2]
         out = self.encoder(frames.flatten(0, 1), audio.flatten(0, 1))
         visual = pool_tokens(out.visual, out.visual_map).view(b, t, -1)
         audio_feat = pool_tokens(out.audio, out.audio_map).view(b, t, -1)
-        result = dict(self.head(visual, audio_feat))
+        result = dict(self.head(visual, audio_feat, **extra))
         result["features"] = {"visual": visual, "audio": audio_feat}
         result["spatial_maps"] = {
             "visual": out.visual_map.view(b, t, *out.visual.shape[1:3]),
