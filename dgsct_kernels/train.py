@@ -69,7 +69,8 @@ def parse_args(argv=None, task: str | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic-videos", default=None,
                    help="train,val,test clips of the synthetic set (without --data-root; "
                         "default: the task's)")
-    p.add_argument("--eval-split", default="test", help="split evaluated after each epoch")
+    p.add_argument("--eval-split", default=None,
+                   help="split evaluated after each epoch (default: the task's; AVE test, AVVP val)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="clips per process and step")
     p.add_argument("--accum-steps", type=int, default=None, help="batches per optimizer step")
@@ -115,6 +116,7 @@ def parse_args(argv=None, task: str | None = None) -> argparse.Namespace:
         p.error(f"--preset: {error}")
     args.task = entry.name
     args.out = args.out or f"runs/{entry.name}"
+    args.eval_split = args.eval_split or entry.eval_split
     if args.synthetic_videos is None:
         args.synthetic_videos = ",".join(map(str, entry.synthetic["videos_per_split"]))
     for key, value in defaults.items():

@@ -112,6 +112,10 @@ class TaskModel(nn.Module):
             if tuple(x.shape) != (frames.shape[0], *shape):
                 raise ValueError(f"{name}: shape {tuple(x.shape)}, expected {want}")
 
+    def head_inputs(self, extra: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The head's keyword arguments from the extra inputs (by default, the same names)."""
+        return extra
+
     def forward(self, frames: Tensor, audio: Tensor, **extra: Tensor) -> dict:
         self._check_inputs(frames, audio)
         self._check_extra(frames, extra)
@@ -119,7 +123,7 @@ class TaskModel(nn.Module):
         out = self.encoder(frames.flatten(0, 1), audio.flatten(0, 1))
         visual = pool_tokens(out.visual, out.visual_map).view(b, t, -1)
         audio_feat = pool_tokens(out.audio, out.audio_map).view(b, t, -1)
-        result = dict(self.head(visual, audio_feat, **extra))
+        result = dict(self.head(visual, audio_feat, **self.head_inputs(extra)))
         result["features"] = {"visual": visual, "audio": audio_feat}
         result["spatial_maps"] = {
             "visual": out.visual_map.view(b, t, *out.visual.shape[1:3]),
