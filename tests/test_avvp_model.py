@@ -103,3 +103,26 @@ def test_one_training_step_reports_all_ten_scores(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "avvp_tiny_best.safetensors").is_file()
     again = build_dgsct("avvp", "tiny", weights=tmp_path / "run" / "avvp_tiny_best.safetensors")
     assert again.weights_report["dgsct"].loaded > 0
+
+
+def test_authors_avvp_checkpoint_layout_round_trips():
+    """A checkpoint in the authors' AVVP key layout (their adapter lists, MGN head names and
+    encoder BatchNorm statistics) loads into a fresh model and reproduces every tensor."""
+    from dgsct_kernels.models import load_authors_checkpoint, trainable_state_dict
+    from dgsct_kernels.models.checkpoints import authors_key_map
+    source = build_dgsct("avvp", "tiny")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for value in trainable_state_dict(source).values():
+            if value.is_floating_point():
+                value.copy_(torch.randn_like(value).abs() + 0.5)
+    names = authors_key_map(source)
+    authors = {names[k]: v.clone() for k, v in trainable_state_dict(source).items()}
+    assert {"audio_token", "fc_prob.weight", "temporal_attn.audio_gated.0.weight"} <= set(authors)
+    assert any(k.startswith("vis_adapter_blocks_p1.") for k in authors)
+    target = build_dgsct("avvp", "tiny")
+    report = load_authors_checkpoint(target, authors)
+    assert report.loaded == len(authors)
+    loaded = trainable_state_dict(target)
+    for key, value in trainable_state_dict(source).items():
+        assert torch.equal(loaded[key], value), key
