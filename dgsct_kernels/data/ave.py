@@ -49,6 +49,17 @@ SEGMENT_SAMPLES = 32000  # one second at 32 kHz
 SPLITS = ("train", "val", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
+_STD = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
+
+
+def read_frame(path, image_size: int) -> np.ndarray:
+    """One JPEG as the authors' loaders give it: RGB, bicubic to image_size x image_size,
+    ImageNet-normalised, [3, S, S] float32."""
+    with Image.open(path) as image:
+        image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return (pixels - _MEAN) / _STD
 
 # categories.txt of the real dataset, in order (the synthetic generator writes it too)
 AVE_CATEGORIES = (
@@ -230,8 +241,6 @@ class AVEDataset(Dataset):
         self.rows = split_rows(self.root, split, self.annotations)
         self.labels = segment_labels(self.annotations, self.categories)
         self._compare_h5_labels()
-        self._mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
-        self._std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
 
     def _compare_h5_labels(self) -> None:
         # the authors train on labels.h5; say so if it disagrees with Annotations.txt
@@ -270,10 +279,7 @@ class AVEDataset(Dataset):
             if not path.is_file():
                 raise FileNotFoundError(f"AVE frames: {path} does not exist ({count} .jpg files "
                                         f"in {folder}, expected them numbered 1..{count})")
-            with Image.open(path) as image:
-                image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
-                pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-            out[s] = (pixels - self._mean) / self._std
+            out[s] = read_frame(path, self.image_size)
         return torch.from_numpy(out)
 
     def load_audio(self, video_id: str) -> Tensor:

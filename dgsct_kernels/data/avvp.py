@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .ave import _ID_CHARS, _PALETTE, IMAGENET_MEAN, IMAGENET_STD, NUM_SEGMENTS, SEGMENT_SAMPLES
+from .ave import _ID_CHARS, _PALETTE, NUM_SEGMENTS, SEGMENT_SAMPLES, read_frame
 
 __all__ = [
     "AVVP_CLASSES", "AVVP_EVAL_FILES", "AVVP_FEAT_DIM", "AVVP_SPLIT_FILES", "AVVP_SPLITS",
@@ -318,8 +318,6 @@ class AVVPDataset(Dataset):
             annotations = read_avvp_annotations(self.annotation_dir, repair=repair)
         self.annotations = annotations
         self.data = annotations[split]
-        self._mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
-        self._std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
 
     def __len__(self) -> int:
         return len(self.data)
@@ -348,10 +346,7 @@ class AVVPDataset(Dataset):
             if not path.is_file():
                 raise FileNotFoundError(f"AVVP frames: {path} does not exist (expected the "
                                         f"first {NUM_SEGMENTS} frames, numbered from 1)")
-            with Image.open(path) as image:
-                image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
-                pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-            out[s] = (pixels - self._mean) / self._std
+            out[s] = read_frame(path, self.image_size)
         return torch.from_numpy(out)
 
     def load_audio(self, filename: str) -> Tensor:

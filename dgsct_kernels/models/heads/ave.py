@@ -25,7 +25,9 @@ from torch import Tensor, nn
 __all__ = ["CMBS", "AVEHead", "TemporalAttention", "ave_loss", "clip_targets"]
 
 
-def _check(name: str, t: Tensor, rank: int, last: int | None, expected: str) -> None:
+def _check(name: str, t: object, rank: int, last: int | None, expected: str) -> None:
+    """A head input: a floating Tensor of `rank` dims (and last size `last`), or an error
+    naming it, its shape or dtype, and `expected`."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a Tensor {expected}, got {type(t).__name__}")
     if t.dim() != rank or (last is not None and t.shape[-1] != last):

@@ -54,20 +54,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ave import TemporalEncoder
+from .ave import TemporalEncoder, _check
 
 __all__ = ["AVVPHead", "AVVPTemporalAttention", "ModalityTrans", "GroupingBlock",
            "AVVP_HEAD_PREFIXES", "avvp_head_key_map", "avvp_head_state_dict", "avvp_loss",
            "avvp_loss_targets"]
-
-
-def _check(name: str, t: object, rank: int, last: int | None, expected: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a Tensor {expected}, got {type(t).__name__}")
-    if t.dim() != rank or (last is not None and t.shape[-1] != last):
-        raise ValueError(f"{name}: got shape {tuple(t.shape)}, expected {expected}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name}: got dtype {t.dtype}, expected a floating dtype")
 
 
 # --------------------------------------------------------------------------------------------
