@@ -182,8 +182,12 @@ register_task(Task(
 AVVP_TRAINING = {
     "paper": {"batch_size": 8, "accum_steps": 1, "lr": 3e-4, "decay": 0.1, "decay_epochs": 10,
               "epochs": 40, "early_stop": 0, "seed": 1, "num_workers": 16},
-    "tiny": {"batch_size": 4, "accum_steps": 1, "lr": 1e-3, "decay": 0.5, "decay_epochs": 6,
-             "epochs": 12, "early_stop": 0, "seed": 0, "num_workers": 0},
+    # tiny: sized on the synthetic set below (issue 12). With 40 train clips the head
+    # memorised them (train loss -> 1.1, val at or below the baselines); 100 clips and lr 2e-3
+    # learn video-level presence within 4 epochs. Longer runs overfit again (14 epochs: final
+    # 29.5 / 28.7 for seeds 0 / 1 against the copied baseline's 37.5). Still seed-sensitive.
+    "tiny": {"batch_size": 4, "accum_steps": 1, "lr": 2e-3, "decay": 0.5, "decay_epochs": 4,
+             "epochs": 10, "early_stop": 0, "seed": 0, "num_workers": 0},
 }
 AVVP_PRESETS = {
     # the MGN head's defaults are the paper's (dim 128, d_model 64, depths 3/3/6)
@@ -234,7 +238,10 @@ register_task(Task(
     head=_avvp_head, model=_avvp_model, loss=_avvp_loss, dataset=_avvp_dataset,
     write_synthetic=_avvp_synthetic, evaluator=_avvp_evaluator, score="segment_type",
     describe=_avvp_describe, eval_split="val",
-    synthetic={"videos_per_split": (40, 10, 10), "num_classes": 5, "image_size": 64, "seed": 0},
+    synthetic={"videos_per_split": (100, 20, 10), "num_classes": 5, "image_size": 64, "seed": 0},
+    # per clip and epoch on a 2-core CPU (AMD EPYC, torch 2.14), measured with 1 thread per
+    # run under a load of about 2 (issue 12); see the AVE entry for the meaning
+    tiny_cpu_seconds={"train_clip": 0.10, "eval_clip": 0.05, "setup": 8.0},
 ))
 for _name, _modules in TASKS.items():  # SPEC.md's other tasks: settings only, so far
     if _name not in _REGISTRY:
