@@ -214,10 +214,14 @@ def autocast(args, device: torch.device):
     return torch.autocast(device.type, dtype=dtype, enabled=args.autocast is not None)
 
 
-def model_inputs(model, batch, device) -> dict:
-    """The batch's entries the model's forward takes (`input_names`), on `device`."""
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def model_inputs(model, batch) -> dict:
+    """The batch's entries the model's forward takes (`input_names`)."""
     names = getattr(model, "module", model).input_names  # DDP wraps the model
-    return {name: batch[name].to(device) for name in names}
+    return {name: batch[name] for name in names}
 
 
 def train_epoch(model, task: Task, loader, optimizer, args, device, epoch: int, show: bool,
@@ -231,13 +235,13 @@ def train_epoch(model, task: Task, loader, optimizer, args, device, epoch: int, 
     optimizer.zero_grad(set_to_none=True)
     bar = _bar(_limit(loader, args.max_steps), show, total=steps, desc=f"epoch {epoch} train")
     for step, batch in enumerate(bar):
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         last = (step + 1) % args.accum_steps == 0 or step + 1 == steps
         # DDP: all-reduce only on the batch that ends an accumulation window
         sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(args, device):
-                out = model(**model_inputs(model, batch, device))
+                out = model(**model_inputs(model, batch))
                 loss, parts = task.loss(out, batch)
             scaler.scale(loss / args.accum_steps).backward()
         if last:
@@ -270,9 +274,9 @@ def evaluate(model, task: Task, dataset, args, device, rank: int, world: int, sh
     evaluator = task.evaluator()
     steps = len(loader) if not args.max_steps else min(len(loader), args.max_steps)
     for batch in _bar(_limit(loader, args.max_steps), show, total=steps, desc="eval"):
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         with autocast(args, device):
-            out = model(**model_inputs(model, batch, device))
+            out = model(**model_inputs(model, batch))
         evaluator.add(out, batch)
         if after_step is not None:
             after_step()

@@ -53,6 +53,17 @@ _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
 _STD = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
 
 
+def read_wave(path, what: str) -> Tensor:
+    """A clip's waveform file as [NUM_SEGMENTS, SEGMENT_SAMPLES] float32; `what` names it in
+    the error for a wrong size or dtype."""
+    wave = np.load(path, allow_pickle=False)
+    if wave.size != NUM_SEGMENTS * SEGMENT_SAMPLES or not np.issubdtype(wave.dtype, np.floating):
+        raise ValueError(f"{what}: {path} has shape {wave.shape} and dtype {wave.dtype}, "
+                         f"expected float [{NUM_SEGMENTS}, {SEGMENT_SAMPLES}]")
+    wave = wave.reshape(NUM_SEGMENTS, SEGMENT_SAMPLES).astype(np.float32, copy=False)
+    return torch.from_numpy(np.ascontiguousarray(wave))
+
+
 def read_frame(path, image_size: int) -> np.ndarray:
     """One JPEG as the authors' loaders give it: RGB, bicubic to image_size x image_size,
     ImageNet-normalised, [3, S, S] float32."""
@@ -286,13 +297,7 @@ class AVEDataset(Dataset):
         path = self.wave_dir / f"{video_id}.npy"
         if not path.is_file():
             raise FileNotFoundError(f"AVE audio: {path} does not exist")
-        wave = np.load(path, allow_pickle=False)
-        if wave.size != NUM_SEGMENTS * SEGMENT_SAMPLES or not np.issubdtype(wave.dtype,
-                                                                           np.floating):
-            raise ValueError(f"AVE audio: {path} has shape {wave.shape} and dtype {wave.dtype}, "
-                             f"expected float [{NUM_SEGMENTS}, {SEGMENT_SAMPLES}]")
-        wave = wave.reshape(NUM_SEGMENTS, SEGMENT_SAMPLES).astype(np.float32, copy=False)
-        return torch.from_numpy(np.ascontiguousarray(wave))
+        return read_wave(path, "AVE audio")
 
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):

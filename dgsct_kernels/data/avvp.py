@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .ave import _ID_CHARS, _PALETTE, NUM_SEGMENTS, SEGMENT_SAMPLES, read_frame
+from .ave import _ID_CHARS, _PALETTE, NUM_SEGMENTS, SEGMENT_SAMPLES, read_frame, read_wave
 
 __all__ = [
     "AVVP_CLASSES", "AVVP_EVAL_FILES", "AVVP_FEAT_DIM", "AVVP_SPLIT_FILES", "AVVP_SPLITS",
@@ -351,13 +351,7 @@ class AVVPDataset(Dataset):
 
     def load_audio(self, filename: str) -> Tensor:
         path = self._media(self.wave_dir, filename, ".npy", "audio")
-        wave = np.load(path, allow_pickle=False)
-        if wave.size != NUM_SEGMENTS * SEGMENT_SAMPLES or not np.issubdtype(wave.dtype,
-                                                                           np.floating):
-            raise ValueError(f"AVVP audio: {path} has shape {wave.shape} and dtype {wave.dtype}, "
-                             f"expected float [{NUM_SEGMENTS}, {SEGMENT_SAMPLES}]")
-        wave = wave.reshape(NUM_SEGMENTS, SEGMENT_SAMPLES).astype(np.float32, copy=False)
-        return torch.from_numpy(np.ascontiguousarray(wave))
+        return read_wave(path, "AVVP audio")
 
     def load_feats(self, filename: str) -> Tensor:
         path = self._media(self.feats_dir, filename, ".npy", "clip features")
