@@ -163,7 +163,8 @@ def synthetic_root(task: Task, videos: tuple[int, int, int]) -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dgsct_kernels"
     options = "-".join(f"{k}{v}" for k, v in sorted(task.synthetic.items())
                        if k != "videos_per_split")
-    return base / f"synthetic-{task.name}-{'x'.join(map(str, videos))}-{options}"
+    version = f"-v{task.synthetic_version}" if task.synthetic_version > 1 else ""
+    return base / f"synthetic-{task.name}{version}-{'x'.join(map(str, videos))}-{options}"
 
 
 def prepare_data(args, task: Task, rank: int, world: int) -> Path:

@@ -325,6 +325,15 @@ def test_bad_inputs_raise_clear_errors():
         AVVPHead(**(TINY | {"num_segments": 0}))
     with pytest.raises(ValueError, match=r"unimodal_assign='gumbel'"):
         AVVPHead(**TINY, unimodal_assign="gumbel")
+    with pytest.raises(ValueError, match=r"token_init_std=-1"):
+        AVVPHead(**TINY, token_init_std=-1)
+
+
+def test_class_tokens_start_at_zero_as_the_authors_unless_asked():
+    assert not AVVPHead(**TINY).audio_token.any()
+    head = AVVPHead(**TINY, token_init_std=0.02)
+    for token in (head.audio_token, head.visual_token):
+        assert token.std().item() == pytest.approx(0.02, rel=0.3)
 
 
 def test_determinism():

@@ -380,7 +380,10 @@ class AVVPDataset(Dataset):
 
 # ----------------------------------------------------------------------------- synthetic data
 
-_KINDS = ("both", "audio", "visual")
+# half the events are audio-visual and a quarter each single-modality, as in LLP where most
+# events are both: a class's usual evidence in each modality is what lets a weakly supervised
+# model tell the rarer single-modality events apart
+_KINDS = ("both", "both", "audio", "visual")
 
 
 def _intervals(rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -423,12 +426,20 @@ def _draw_patch(image: Image.Image, cls: int, cell: int) -> None:
                      fill=colour)
 
 
-def _chord(cls: int, rng: np.random.Generator) -> np.ndarray:
+def tone_root_hz(cls: int, num_classes: int) -> float:
+    """The synthetic class's tone root: spread evenly in log frequency over 250 Hz .. 6 kHz,
+    so that the classes fall into different bands of a coarse (16-band) log-mel front end,
+    as the tiny preset's is."""
+    return 250.0 * 2.0 ** (cls * np.log2(6000.0 / 250.0) / max(num_classes - 1, 1))
+
+
+def _tone(cls: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """One second of class `cls`'s tone: its root (within 1%) and the fifth above."""
     t = np.arange(SEGMENT_SAMPLES, dtype=np.float64) / SEGMENT_SAMPLES
-    f0 = 150.0 * 2.0 ** (cls / 6.0) * rng.uniform(0.99, 1.01)
+    f0 = tone_root_hz(cls, num_classes) * rng.uniform(0.99, 1.01)
     tone = sum(np.sin(2 * np.pi * f0 * ratio * t + rng.uniform(0, 2 * np.pi))
-               for ratio in (1.0, 1.5, 2.0))
-    return (0.3 / 3 * rng.uniform(0.7, 1.3) * tone).astype(np.float32)
+               for ratio in (1.0, 1.5))
+    return (0.3 / 2 * rng.uniform(0.7, 1.3) * tone).astype(np.float32)
 
 
 def write_synthetic_avvp(root: str | os.PathLike,
@@ -438,13 +449,14 @@ def write_synthetic_avvp(root: str | os.PathLike,
     """Write a small learnable LLP-style AVVP dataset in the real layout (module doc).
 
     Each video holds 1..max_events distinct classes c in [0, num_classes) (the first of the
-    real 25). Each class is audio-only, visual-only or both (about a third each; every split
-    with at least 3 events has each kind), and its audio and visual runs start and stop
+    real 25). Each class is audio-visual (half the events), audio-only or visual-only (a
+    quarter each; every split with at least 4 events has each kind), and its audio and visual
+    runs start and stop
     independently (one run of 2..10 s, or two shorter runs with a gap). Where a class is
     visible, the frame shows its colour and shape (square, disk, triangle) in the quadrant the
     video gives it, and its R(2+1)D feature row adds the class's fixed random pattern to
-    Gaussian noise; where it is audible, the audio adds the class's chord (root 150 Hz *
-    2**(c/6), fifth and octave) to quiet white noise. AVVP_train.csv holds only video-level
+    Gaussian noise; where it is audible, the audio adds the class's tone (a root, spread in
+    log frequency over 250 Hz .. 6 kHz by class, and its fifth) to quiet white noise. AVVP_train.csv holds only video-level
     labels (the union of audio and visual classes); val and test get the dense eval files
     too. All 5 annotation files are written, labels stay 25 wide. Deterministic for a given
     seed; the root is overwritten (cache it as train_ave.py does, with a marker file).
@@ -526,7 +538,7 @@ def write_synthetic_avvp(root: str | os.PathLike,
         feats = rng.normal(0.0, 1.0, size=(NUM_SEGMENTS, AVVP_FEAT_DIM)).astype(np.float32)
         for cls in events:
             for s in np.flatnonzero(audible[cls]):
-                wave[s] += _chord(cls, rng)
+                wave[s] += _tone(cls, num_classes, rng)
             feats[visible[cls]] += patterns[cls]
         np.save(root / "wave" / f"{name}.npy", wave)
         np.save(feats_dir / f"{name}.npy", feats)

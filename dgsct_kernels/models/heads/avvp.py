@@ -49,6 +49,8 @@ first; the maths is the same).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import math
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
@@ -349,6 +351,9 @@ class AVVPHead(nn.Module):
       depth_aud=3, depth_vis=3, depth_av=6, num_heads=8, mlp_ratio=4.0, drop_path=0.1
       unimodal_assign="soft", crossmodal_assign="soft"  ("soft" or "hard")
       use_gated_audio=False  True feeds the gated audio to the grouping (not the authors')
+      token_init_std=0.0  the class tokens start at zero as the authors' do: every group is
+                          alike until the class-token cross-entropy tells them apart (about
+                          300 steps); > 0 draws them from N(0, std^2) instead (tiny preset)
 
     forward(visual [B, T, visual_dim], audio [B, T, audio_dim], visual_st [B, T, st_dim])
     returns a dict:
@@ -370,7 +375,8 @@ class AVVPHead(nn.Module):
                  depth_aud: int = 3, depth_vis: int = 3, depth_av: int = 6, num_heads: int = 8,
                  mlp_ratio: float = 4.0, drop_path: float = 0.1,
                  unimodal_assign: str = "soft", crossmodal_assign: str = "soft",
-                 use_gated_audio: bool = False, attn_dropout: float = 0.1):
+                 use_gated_audio: bool = False, attn_dropout: float = 0.1,
+                 token_init_std: float = 0.0):
         super().__init__()
         positive = {"visual_dim": visual_dim, "audio_dim": audio_dim, "st_dim": st_dim,
                     "num_classes": num_classes, "dim": dim, "num_segments": num_segments,
@@ -391,6 +397,9 @@ class AVVPHead(nn.Module):
                             ("crossmodal_assign", crossmodal_assign)):
             if value not in ("soft", "hard"):
                 raise ValueError(f"AVVPHead: {name}={value!r}, expected 'soft' or 'hard'")
+        if not (isinstance(token_init_std, Real) and 0.0 <= token_init_std < math.inf):
+            raise ValueError(f"AVVPHead: token_init_std={token_init_std!r}, expected a finite "
+                             "number >= 0")
         if not 0.0 <= drop_path < 1.0 or not mlp_ratio > 0:
             raise ValueError(f"AVVPHead: expected 0 <= drop_path < 1 and mlp_ratio > 0, got "
                              f"drop_path={drop_path!r}, mlp_ratio={mlp_ratio!r}")
@@ -420,6 +429,9 @@ class AVVPHead(nn.Module):
         self.fc_prob_v = nn.Linear(dim, 1)
         self.fc_cls = nn.Linear(dim, num_classes)
         self.apply(self._init_weights)  # as the authors: before the temporal attention exists
+        if token_init_std > 0:  # the authors start from zeros: see the class docstring
+            nn.init.normal_(self.audio_token, std=token_init_std)
+            nn.init.normal_(self.visual_token, std=token_init_std)
         self.temporal_attn = AVVPTemporalAttention(
             dim, d_model, num_heads=temporal_heads, ff_dim=temporal_ff_dim,
             encoder_layers=temporal_layers, rnn_layers=rnn_layers, gate_weight=gate_weight,
