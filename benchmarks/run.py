@@ -29,6 +29,16 @@ its bytes and FLOPs at the H100/H200 peak figures (dgsct_kernels/roofline.py), a
 `vs_roofline`, the measured time over that floor ("x roofline" in the table).
 The runner samples how many cores other processes keep busy before, between and after
 the cases; on a CPU above 0.5 cores it marks the printed output, results.json and the plot.
+
+Efficiency: once per run, before the cases and with the run's threads, it measures the
+device's GEMM rate: torch.matmul over the guide-path products (benchmarks/shapes.py,
+`guide_products`) of every selected shape, in the orders the contenders run, in float32,
+bfloat16, float16 where the device multiplies it natively, and the run's dtype. Every row
+then carries the FLOPs and achieved GFLOP/s of its call and of its guide path (timed apart,
+as the contender runs it, where that can be reproduced; otherwise empty with the reason in
+`guide_unmeasured_reason`) and their fractions of that rate. results.json's header holds
+`columns` (what each row field means), `gemm_gflops_by_products` (every rate measured, by
+dtype, shape and order) and `gemm_unmeasured` (the dtypes not measured and why).
 """
 from __future__ import annotations
 
@@ -54,11 +64,13 @@ from torch import Tensor
 
 import dgsct_kernels
 from dgsct_kernels import dispatch
-from dgsct_kernels.config import OP_PARAM_NAMES
+from dgsct_kernels.config import OP_PARAM_NAMES, accumulation_dtype
 from dgsct_kernels.cpu_load import busy_cores, threads_beside
+from dgsct_kernels.guide_path import plan_guide_path, prompts_and_pooled_guide
 from dgsct_kernels.reference import reference_forward
 from dgsct_kernels.roofline import peaks_for, total_seconds
-from shapes import GROUPS, NUM_LATENTS, REDUCTION, SEGMENTS, Shape, cost, select_shapes
+from shapes import (GROUPS, NUM_LATENTS, REDUCTION, SEGMENTS, TRAIN_FLOPS_OVER_FORWARD, Product, Shape,
+                    call_flops, cost, guide_flops, guide_products, select_shapes)
 
 MODES = ("eval-fwd", "train-fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -69,10 +81,73 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # eager alone is ~3e-2 off float64, so low precision gets 5x SPEC.md's tolerance.
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3, torch.bfloat16: 1e-1, torch.float16: 5e-2}
 OUTPUT_NAMES = ("residual", "spatial_map", "temporal_gate")
-COLUMNS = ("device", "device_name", "torch", "triton", "date", "backend", "shape", "N", "C", "M",
-           "D", "F", "dtype", "mode", "median_ms", "p10_ms", "p90_ms", "repeats",
-           "speedup_vs_eager", "saved_bytes", "saved_over_x", "saved_activation_bytes",
-           "floor_bytes", "plan_bytes", "achieved_gbps", "vs_bandwidth_floor", "roofline_ms", "vs_roofline")
+DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+# Every field of a row (results.csv's columns, in order; results.json's rows): what it holds.
+# Empty in the CSV and null in the JSON where not measured for that row.
+COLUMNS = {
+    "device": "torch device the run timed on",
+    "device_name": "GPU name, or the CPU model",
+    "torch": "torch version",
+    "triton": "triton version, or empty",
+    "date": "when the run started",
+    "backend": "the contender: eager, compile or a FusedDGSCT backend (see the table legend)",
+    "shape": "label of the module's sizes (benchmarks/shapes.py)",
+    "N": "target tokens", "C": "target channels", "M": "guide tokens", "D": "guide channels",
+    "F": "frames per call",
+    "dtype": "dtype of x, g and the parameters",
+    "mode": "eval-fwd or train-fwd+bwd",
+    "median_ms": "median wall time of one call, ms",
+    "p10_ms": "10th percentile of the call times, ms",
+    "p90_ms": "90th percentile of the call times, ms",
+    "repeats": "timed calls",
+    "speedup_vs_eager": "eager's median_ms over this row's",
+    "saved_bytes": "train: bytes autograd keeps for the backward, once per storage",
+    "saved_over_x": "train: saved_bytes over the bytes of x",
+    "saved_activation_bytes": "train: the part of saved_bytes that is neither an input nor a parameter",
+    "floor_bytes": "SPEC.md's floor: read x, g and every weight once, write o once, bytes",
+    "plan_bytes": "eval, backends with a plan report: the forward's DRAM bytes by that plan",
+    "achieved_gbps": "plan_bytes over median_ms, GB/s",
+    "vs_bandwidth_floor": "eval: median_ms over floor_bytes' time at the measured copy bandwidth",
+    "roofline_ms": "eval, GPU backends on CUDA: the forward's roofline floor, ms",
+    "vs_roofline": "median_ms over roofline_ms",
+    **{f"gemm_gflops_{tag}": f"the device's GEMM rate in {dtype_name}, GFLOP/s: the best over the run's "
+                             "guide-path product sets (torch.matmul back to back, median of 5 after 1 "
+                             "warm-up, with the run's threads); empty where not measured"
+       for dtype_name, tag in (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16"),
+                               ("float64 (float64 runs only)", "fp64"))},
+    "call_flops": "matrix-product FLOPs of one call: steps 1-9 of SPEC.md with the guide path in "
+                  "guide_order; fwd+bwd is 3x the forward's (2 backward products per forward product; "
+                  "recomputation not counted)",
+    "call_gflops": "call_flops over median_ms, GFLOP/s",
+    "call_fraction_of_gemm": "call_gflops over the GEMM rate in the run's dtype (gemm_gflops_<dtype>): "
+                             "how close the whole call comes to the device's matrix-product limit",
+    "guide_order": "the order the contender evaluates steps 1, 2 and 4 in (dgsct_kernels/guide_path.py): "
+                   "as-written forms P like the authors' module; the fused backends run plan_guide_path's",
+    "guide_dtype": "dtype the guide path multiplies in (backends upcast bf16/fp16 to float32)",
+    "guide_flops": "matrix-product FLOPs of the guide path in guide_order (shapes.guide_products); "
+                   "fwd+bwd 3x",
+    "guide_ms": "median time of the contender's guide path timed apart, ms: the same products in the same "
+                "order and dtype from Python (guide_path.prompts_and_pooled_guide, or reference_forward's "
+                "as-written steps), g's upcast included; fwd+bwd (eager only) adds its autograd backward",
+    "guide_gflops": "guide_flops over guide_ms, GFLOP/s",
+    "guide_gemm_gflops": "GEMM rate of this shape's guide_order products alone in guide_dtype, GFLOP/s",
+    "guide_fraction_of_gemm": "guide_gflops over guide_gemm_gflops: the guide path's speed against the "
+                              "device's GEMM on the very same products",
+    "guide_unmeasured_reason": "why guide_ms (and the columns from it) is empty for this row",
+}
+GEMM_COLUMNS = tuple(f"gemm_gflops_{tag}" for tag in DTYPE_TAGS.values())
+GUIDE_PARAM_NAMES = ("conv_adapter.weight", "conv_adapter.bias", "fc.weight", "fc.bias", "my_tokens")
+# How each contender runs its guide path: the order ("planned": plan_guide_path's), whether its
+# products run in the accumulation dtype, and why it cannot be timed apart (None: it can).
+GUIDE_PATHS = {
+    "eager": ("as-written", False, None),
+    "compile": ("as-written", False, "torch.compile fuses the guide path into the rest of its graph"),
+    "reference": ("as-written", True, None),
+    "cpu": ("planned", True, None),  # csrc/cpu/guide_path.cpp: guide_path.py's ATen products
+    "cuda": ("planned", True, None),  # the same guide_forward in float32 (csrc/cuda/portable/driver.cpp)
+    "triton": ("planned", True, None),  # prompts_and_pooled_guide, but see guide_path_of
+}
+GEMM_REPEATS, GEMM_WARMUP = 5, 1
 
 Outputs = tuple[Tensor, Tensor, Tensor]  # residual [F, N, C], spatial_map [F, N], temporal_gate [F]
 
@@ -91,10 +166,9 @@ BUSY_CORES_LIMIT = 0.5
 COMPILE_WARMUP_S = {("cpu", False): 12.0, ("cpu", True): 16.0,
                     ("cuda", False): 20.0, ("cuda", True): 40.0}
 AUTOTUNE_FACTOR = 4.0
-# Eager runs the matrix products at about this fraction of a plain matmul's rate (2 CPU
-# cores: 180-230 of 250 GFLOP/s); a training step costs about 3 forwards.
+# Eager runs the matrix products at about this fraction of the measured GEMM rate (2 CPU
+# cores: 180-230 of 250 GFLOP/s).
 EAGER_MATMUL_EFFICIENCY = 0.7
-TRAIN_OVER_EVAL = 3.0
 # Per case: building modules, checking outputs, counting saved tensors, a busy-cores sample.
 CASE_OVERHEAD_S = 1.5
 # What each column of the printed table means, in its order.
@@ -118,6 +192,12 @@ TABLE_LEGEND = {
     "GB/s": "eval only, backends with a plan report: the plan's DRAM bytes over the median",
     "x roofline": "eval only, GPU backends on CUDA: median over the roofline floor from the plan's "
                   "bytes and FLOPs at the GPU's peak figures (dgsct_kernels/roofline.py)",
+    "GFLOP/s": "the call's matrix-product FLOPs (its guide order; fwd+bwd 3x the forward's, "
+               "recomputation not counted) over the median",
+    "of gemm": "that rate over the GEMM rate measured in the run's dtype (printed below the table)",
+    "guide GFLOP/s": "the guide path (steps 1, 2, 4) timed apart as the contender runs it: its FLOPs "
+                     "over its median; '-' where it cannot be timed apart (reason in results.json)",
+    "guide of gemm": "that rate over the GEMM rate of the same products in the guide's dtype",
 }
 
 
@@ -258,7 +338,7 @@ def environment(args: argparse.Namespace) -> dict:
         "python": platform.python_version(), "dgsct_kernels": dgsct_kernels.__version__,
         "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "command": args.command,
-        "dtype": str(args.dtype).replace("torch.", ""), "frames": args.frames,
+        "dtype": dtype_name(args.dtype), "frames": args.frames,
         "warmup": args.warmup, "repeats": args.repeats,
         "compile_mode": None if args.no_compile else args.compile_mode,
         "compile_shapes": [s.label for s in args.compile_shapes], "run_size": args.run_size,
@@ -277,6 +357,17 @@ def busy_warning(env: dict) -> Optional[str]:
     return (f"BUSY MACHINE: other processes kept up to {max(samples):.1f} of {env['cpu_count']} "
             f"cores busy (limit {BUSY_CORES_LIMIT}); these CPU timings are unreliable. Rerun on a "
             f"quiet machine{fewer_threads}")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _cpu_model() -> Optional[str]:
@@ -405,12 +496,137 @@ def roofline_ms(backend_name: str, shape: Shape, frames: int, dtype: torch.dtype
     return None if not works else total_seconds(works, peaks_for(device_name)) * 1e3
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured rate of one square matrix product: the yardstick of the time estimate."""
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    times = time_ms(lambda: torch.mm(a, b), warmup=1, repeats=5, device=device)
-    return 2 * n ** 3 / (float(np.median(times)) * 1e-3) / 1e9
+def gemm_gflops(products: list[Product], dtype: torch.dtype, device: torch.device) -> float:
+    """The rate torch.matmul reaches on `products` run back to back in `dtype`, GFLOP/s
+    (median of GEMM_REPEATS runs after GEMM_WARMUP): the device's GEMM on these shapes."""
+    like = {"device": device, "dtype": dtype}
+    pairs = [(torch.randn(*([] if p.shared_left or p.batch == 1 else [p.batch]), p.m, p.k, **like),
+              torch.randn(*([] if p.batch == 1 else [p.batch]), p.k, p.n, **like)) for p in products]
+
+    def step() -> None:
+        for a, b in pairs:
+            torch.matmul(a, b)
+
+    times = time_ms(step, GEMM_WARMUP, GEMM_REPEATS, device)
+    return sum(p.flops for p in products) / (float(np.median(times)) * 1e-3) / 1e9
+
+
+def gemm_unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why the run leaves `dtype` GEMMs unmeasured on `device`, or None."""
+    if device.type == "cuda":
+        return None if dtype != torch.bfloat16 or torch.cuda.is_bf16_supported() else \
+            "this GPU has no bfloat16 matmul"
+    if dtype == torch.float16 and not _cpu_flags() & {"avx512_fp16", "amx_fp16"}:
+        return ("this CPU has no float16 arithmetic (avx512_fp16, amx_fp16): torch multiplies float16 "
+                "in a slow fallback; measured only with --dtype float16")
+    return None
+
+
+def measure_gemm_rates(args: argparse.Namespace, env: dict) -> None:
+    """Once per run: the GEMM rate of every shape's guide-path products, in every order the
+    contenders run, per dtype (env["gemm_gflops_by_products"]); env["gemm_gflops_<tag>"] is the
+    best of a dtype's, the device's GEMM rate in that dtype."""
+    needed = {args.dtype, accumulation_dtype(args.dtype)}
+    env["gemm_unmeasured"] = {DTYPE_TAGS[d]: reason for d in (torch.bfloat16, torch.float16)
+                              if d not in needed and (reason := gemm_unsupported_reason(args.device, d))}
+    measured = [d for d in DTYPE_TAGS if (d in needed or d != torch.float64)
+                and DTYPE_TAGS[d] not in env["gemm_unmeasured"]]
+    env["gemm_gflops_by_products"] = {
+        DTYPE_TAGS[d]: {s.label: {order: gemm_gflops(guide_products(s, args.frames, order), d, args.device)
+                                  for order in dict.fromkeys(["as-written", planned_order(s, args.frames)])}
+                        for s in args.shapes}
+        for d in measured}
+    for tag in DTYPE_TAGS.values():
+        rates = env["gemm_gflops_by_products"].get(tag)
+        env[f"gemm_gflops_{tag}"] = None if rates is None else max(
+            rate for per_order in rates.values() for rate in per_order.values())
+
+
+def gemm_summary(env: dict) -> str:
+    rates = ", ".join(f"{tag} {env[f'gemm_gflops_{tag}']:.0f}" for tag in DTYPE_TAGS.values()
+                      if env[f"gemm_gflops_{tag}"] is not None)
+    skipped = "".join(f"; {tag} not measured: {reason}" for tag, reason in env["gemm_unmeasured"].items())
+    return (f"GEMM rate, GFLOP/s (torch.matmul on the guide-path products of the run's shapes, best "
+            f"set, {_threads(env['torch_threads'])}): {rates}{skipped}")
+
+
+def planned_order(shape: Shape, frames: int) -> str:
+    return plan_guide_path(frames, shape.tokens, shape.guide_tokens, shape.guide_dim, shape.dim,
+                           NUM_LATENTS).order
+
+
+def guide_path_of(name: str, shape: Shape, frames: int, dtype: torch.dtype,
+                  training: bool) -> tuple[Optional[str], torch.dtype, Optional[str]]:
+    """(order, dtype its products run in, why it cannot be timed apart or None) of the guide
+    path of contender `name` (GUIDE_PATHS)."""
+    if name not in GUIDE_PATHS:
+        return None, dtype, f"the runner does not know how backend {name!r} runs its guide path"
+    order, upcast, reason = GUIDE_PATHS[name]
+    order = planned_order(shape, frames) if order == "planned" else order
+    if reason is None and name == "triton" and order == "rewritten":
+        reason = "triton runs the rewritten order in its own kernels (backends/triton/guide_pass.py)"
+    if reason is None and training and name != "eager":
+        reason = ("its backward is its own (recomputed under torch.func.vjp, or analytic); only "
+                  "eager's autograd backward is reproduced apart")
+    return order, accumulation_dtype(dtype) if upcast else dtype, reason
+
+
+def as_written_guide(g: Tensor, p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """SPEC.md steps 1, 2 and 4 as reference_forward runs them, forming P (it keeps them
+    inline): (R [F, K, C], a [F, C])."""
+    wtok = p["conv_adapter.weight"].reshape(p["conv_adapter.weight"].shape[0], -1)
+    u = torch.matmul(wtok, g) + p["conv_adapter.bias"][:, None]
+    guide = torch.nn.functional.linear(u, p["fc.weight"], p["fc.bias"])
+    tokens = p["my_tokens"]
+    scores = torch.matmul(tokens, guide.transpose(1, 2)).softmax(-1)
+    return tokens + torch.matmul(scores, guide), guide.mean(1)
+
+
+def run_guide(g: Tensor, p: dict[str, Tensor], order: str) -> tuple[Tensor, Tensor]:
+    return as_written_guide(g, p) if order == "as-written" else prompts_and_pooled_guide(g, p, order)
+
+
+def guide_step(order: str, dtype: torch.dtype, g: Tensor, params: dict[str, Tensor],
+               training: bool) -> Callable[[], None]:
+    """One call's guide path alone, in `dtype` (g's upcast inside the step, like the backends;
+    the weights' outside). fwd+bwd: also the gradients w.r.t. g and the guide's parameters."""
+    p = {n: params[n] if params[n].dtype == dtype else params[n].detach().to(dtype)
+         for n in GUIDE_PARAM_NAMES}
+    if not training:
+        def step() -> None:
+            with torch.no_grad():
+                run_guide(g.to(dtype), p, order)
+        return step
+    outputs = run_guide(g, p, order)
+    grads = tuple(torch.randn_like(t) for t in outputs)
+    wrt = [g, *p.values()]
+
+    def step() -> None:
+        torch.autograd.grad(run_guide(g, p, order), wrt, grads)
+    return step
+
+
+def guide_columns(name: str, shape: Shape, g: Tensor, params: dict[str, Tensor], training: bool,
+                  args: argparse.Namespace, env: dict) -> dict:
+    """The guide_* columns of contender `name`'s row (COLUMNS), timing its guide path apart."""
+    order, dtype, reason = guide_path_of(name, shape, args.frames, args.dtype, training)
+    flops = None if order is None else guide_flops(shape, args.frames, order) * (
+        TRAIN_FLOPS_OVER_FORWARD if training else 1)
+    columns = {"guide_order": order, "guide_dtype": dtype_name(dtype), "guide_flops": flops,
+               "guide_ms": None, "guide_gflops": None, "guide_gemm_gflops": None,
+               "guide_fraction_of_gemm": None, "guide_unmeasured_reason": reason}
+    if reason is not None:
+        return columns
+    times = time_ms(guide_step(order, dtype, g, params, training), args.warmup, args.repeats, args.device)
+    median = float(np.median(times))
+    achieved = flops / (median * 1e-3) / 1e9
+    gemm = env["gemm_gflops_by_products"][DTYPE_TAGS[dtype]][shape.label][order]
+    return {**columns, "guide_ms": median, "guide_gflops": achieved, "guide_gemm_gflops": gemm,
+            "guide_fraction_of_gemm": achieved / gemm}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def supporting_backends(shape: Shape, training: bool, args: argparse.Namespace) -> list[str]:
@@ -423,21 +639,23 @@ def estimate_seconds(cases: list[tuple[Shape, str]], args: argparse.Namespace,
     """(all, torch.compile warm-ups) seconds the cases take on a quiet machine.
 
     Every contender's call is costed as eager's: the FLOPs of SPEC.md's order as written at
-    EAGER_MATMUL_EFFICIENCY of the measured matmul rate (backends are faster or slower than
-    eager, and the errors roughly cancel). Compile warm-ups are COMPILE_WARMUP_S, cold cache.
+    EAGER_MATMUL_EFFICIENCY of the measured GEMM rate (backends are faster or slower than
+    eager, and the errors roughly cancel); so is each guide path timed apart, in its own order.
+    Compile warm-ups are COMPILE_WARMUP_S, cold cache.
     """
     autotune = AUTOTUNE_FACTOR if "autotune" in args.compile_mode else 1.0
+    rate = gflops * 1e9 * EAGER_MATMUL_EFFICIENCY
     compile_s = timing_s = 0.0
     for shape, mode in cases:
         training = mode == "train-fwd+bwd"
-        shape_cost = cost(shape, args.frames)
-        flops = (shape_cost.guide_flops["as written"] + shape_cost.target_flops) * (
-            TRAIN_OVER_EVAL if training else 1.0)
-        call_s = flops / (gflops * 1e9 * EAGER_MATMUL_EFFICIENCY)
+        call_s = call_flops(shape, args.frames, "as-written", training) / rate
         calls = 1 + args.warmup + args.repeats + int(training)  # first, warm-up, timed, saved count
         compiled = shape in args.compile_shapes
-        contenders = 1 + compiled + len(supporting_backends(shape, training, args))
-        timing_s += contenders * calls * call_s + CASE_OVERHEAD_S
+        names = ["eager", *(["compile"] if compiled else []), *supporting_backends(shape, training, args)]
+        guides = [guide_path_of(name, shape, args.frames, args.dtype, training) for name in names]
+        guide_s = sum(guide_flops(shape, args.frames, order) for order, _, reason in guides
+                      if reason is None) * (TRAIN_FLOPS_OVER_FORWARD if training else 1) / rate
+        timing_s += len(names) * calls * call_s + (args.warmup + args.repeats) * guide_s + CASE_OVERHEAD_S
         if compiled:
             compile_s += COMPILE_WARMUP_S[(args.device.type, training)] * autotune
     return compile_s + timing_s, compile_s
@@ -469,11 +687,16 @@ def describe_plan(cases: list[tuple[Shape, str]], args: argparse.Namespace, env:
               f"call{'' if args.repeats == 1 else 's'}",
               f"  estimate: about {_duration(total_s)} in all (torch.compile warm-ups "
               f"{_duration(compile_s)} of it with a cold inductor cache; from a "
-              f"{env['matmul_gflops']:.0f} GFLOP/s matmul measured just now)",
+              f"{run_gemm_gflops(env):.0f} GFLOP/s GEMM rate measured just now)",
               f"  writing to {args.out}"]
     if args.time_budget is not None:
         lines.append(f"  no case starts after {args.time_budget:.0f} s")
     return "\n".join(lines)
+
+
+def run_gemm_gflops(env: dict) -> float:
+    """The measured GEMM rate in the run's dtype."""
+    return env[f"gemm_gflops_{DTYPE_TAGS[DTYPES[env['dtype']]]}"]
 
 
 def _threads(count: int) -> str:
@@ -577,6 +800,9 @@ def run_case(shape: Shape, mode: str, args: argparse.Namespace, env: dict,
         planned = None if training else plan_bytes(contender.name, shape, F, args.dtype, training)
         floor_ms = None if training else roofline_ms(contender.name, shape, F, args.dtype, args.device,
                                                      env["device_name"])
+        guide = guide_columns(contender.name, shape, g, base.op_params(), training, args, env)
+        flops = None if guide["guide_order"] is None else call_flops(shape, F, guide["guide_order"], training)
+        achieved = None if flops is None else flops / (median * 1e-3) / 1e9
         rows.append({
             **{k: env[k] for k in ("device", "device_name", "torch", "triton", "date")},
             "backend": contender.name, "shape": shape.label, "N": shape.tokens, "C": shape.dim,
@@ -590,9 +816,14 @@ def run_case(shape: Shape, mode: str, args: argparse.Namespace, env: dict,
             "achieved_gbps": None if planned is None else planned / (median * 1e-3) / 1e9,
             "vs_bandwidth_floor": None if training else median / (floor / (env["copy_gbps"] * 1e9) * 1e3),
             "roofline_ms": floor_ms, "vs_roofline": None if floor_ms is None else median / floor_ms,
+            **{k: env[k] for k in GEMM_COLUMNS},
+            "call_flops": flops, "call_gflops": achieved,
+            "call_fraction_of_gemm": None if achieved is None else achieved / run_gemm_gflops(env),
+            **guide,
         })
+        guide_note = "" if guide["guide_gflops"] is None else f"; guide {guide['guide_gflops']:.1f} GFLOP/s"
         progress(f"{step_label} {shape.label} {mode} {contender.name}: median {median:.2f} ms "
-                 f"(p10 {p10:.2f}, p90 {p90:.2f}); first step {first_s:.1f} s")
+                 f"(p10 {p10:.2f}, p90 {p90:.2f}); first step {first_s:.1f} s{guide_note}")
     return rows
 
 
@@ -613,7 +844,9 @@ def format_table(rows: list[dict]) -> str:
              _maybe(r["saved_bytes"], 1e-6, "{:.1f}"), _maybe(r["saved_over_x"], 1, "{:.2f}"),
              _maybe(r["saved_activation_bytes"], 1e-6, "{:.1f}"),
              _maybe(r["vs_bandwidth_floor"], 1, "{:.2f}"), _maybe(r["achieved_gbps"], 1, "{:.0f}"),
-             _maybe(r["vs_roofline"], 1, "{:.2f}"))
+             _maybe(r["vs_roofline"], 1, "{:.2f}"), _maybe(r["call_gflops"], 1, "{:.1f}"),
+             _maybe(r["call_fraction_of_gemm"], 100, "{:.0f}%"), _maybe(r["guide_gflops"], 1, "{:.1f}"),
+             _maybe(r["guide_fraction_of_gemm"], 100, "{:.0f}%"))
             for r in rows]
     widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(str(v).rjust(w) if i >= 3 else str(v).ljust(w)
@@ -655,11 +888,11 @@ def write_results(rows: list[dict], env: dict, out: Path) -> None:
         with open(out / "winners.json", "w") as f:
             json.dump(winners, f, indent=1)
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     with open(out / "results.json", "w") as f:
-        json.dump({"header": env, "rows": rows}, f, indent=1)
+        json.dump({"header": {**env, "columns": COLUMNS}, "rows": rows}, f, indent=1)
     plot(rows, env, out / "results.png")
 
 
@@ -672,6 +905,7 @@ def plot(rows: list[dict], env: dict, path: Path) -> None:
 
 
 PLOT_DPI = 120
+GEMM_LIMIT_LABEL = "its FLOPs at the GEMM rate"
 LABEL_POINTS = 7  # font size of the value labels
 
 
@@ -679,8 +913,10 @@ def draw_figure(rows: list[dict], env: dict):
     """One log-scale bar chart per mode: median ms per shape and contender, p10-p90 error
     bars, each bar's median written vertically above its error bar (vertical labels need only
     a line's height of the bar's width, so close values and narrow bars do not collide).
-    A shape's bars sit side by side without gaps for contenders it lacks (a shape without
-    torch.compile); colours and the legend keep each contender apart."""
+    A black tick on a bar marks GEMM_LIMIT_LABEL: the time its call's FLOPs take at the GEMM
+    rate measured in the run's dtype. A shape's bars sit side by side without gaps for
+    contenders it lacks (a shape without torch.compile); colours and the legend keep each
+    contender apart."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -715,12 +951,18 @@ def draw_figure(rows: list[dict], env: dict):
                        color=f"C{all_backends.index(backend) % 10}",
                        label=None if backend in legend_done else backend)
                 legend_done.add(backend)
+                if row.get("call_fraction_of_gemm"):
+                    ax.plot([x - width / 2, x + width / 2], [median * row["call_fraction_of_gemm"]] * 2,
+                            color="black", linewidth=1.5,
+                            label=None if GEMM_LIMIT_LABEL in legend_done else GEMM_LIMIT_LABEL)
+                    legend_done.add(GEMM_LIMIT_LABEL)
                 if label_bars:
                     ax.annotate(value_label(median), (x, row["p90_ms"]), xytext=(0, 2),
                                 textcoords="offset points", rotation=90, ha="center", va="bottom",
                                 fontsize=LABEL_POINTS, gid="value-label")
         ax.set_yscale("log")
-        low = min(r["p10_ms"] for r in mine) / 1.5
+        low = min(min(r["p10_ms"], r["median_ms"] * (r.get("call_fraction_of_gemm") or 1))
+                  for r in mine) / 1.5
         high = max(r["p90_ms"] for r in mine)
         # a quarter of the height above the tallest error bar holds its vertical label
         decades = max(np.log10(high / low), 0.5)
@@ -734,7 +976,7 @@ def draw_figure(rows: list[dict], env: dict):
         ax.set_title(f"{mode}: {env['device_name']} ({env['device']}), {env['dtype']}, "
                      f"F={env['frames']}" + ("" if label_bars else "; too many bars to label"))
         handles, names = ax.get_legend_handles_labels()  # in the first-seen order of all rows
-        order = sorted(range(len(names)), key=lambda k: all_backends.index(names[k]))
+        order = sorted(range(len(names)), key=lambda k: (all_backends + names).index(names[k]))
         ax.legend([handles[k] for k in order], [names[k] for k in order], fontsize=8,
                   loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
         if warning:  # a watermark no reader can miss, faint enough to read the bars through
@@ -784,13 +1026,14 @@ def run_all(args: argparse.Namespace, started: float, busy_before: Optional[floa
                  f"sharing a busy core stalls the others); --threads {default_threads} overrides")
     env["busy_cores_between"] = []
     env["copy_gbps"] = copy_bandwidth_gbps(args.device, 1024 if args.device.type == "cuda" else 256)
-    env["matmul_gflops"] = matmul_gflops(args.device, args.dtype)
+    measure_gemm_rates(args, env)
     cases = [(shape, mode) for shape in args.shapes for mode in args.modes]
-    cases_s, compile_s = estimate_seconds(cases, args, env["matmul_gflops"])
+    cases_s, compile_s = estimate_seconds(cases, args, run_gemm_gflops(env))
     estimate = (time.perf_counter() - started + cases_s, compile_s)  # start-up is behind us
     env["estimated_s"] = round(estimate[0], 1)
     progress(describe_plan(cases, args, env, estimate))
     progress(f"device copy bandwidth: {env['copy_gbps']:.1f} GB/s")
+    progress(gemm_summary(env))
     warned = warn_if_busy(env["busy_cores_before"], env)  # once a run; the end repeats it
     begin = time.perf_counter()
     rows = []
@@ -812,6 +1055,7 @@ def run_all(args: argparse.Namespace, started: float, busy_before: Optional[floa
     env["elapsed_s"] = round(time.perf_counter() - started, 1)
     write_results(rows, env, args.out)
     print(format_table(rows))
+    print(gemm_summary(env))
     print(format_legend())
     if env["busy_warning"]:
         print(env["busy_warning"])

@@ -59,6 +59,20 @@ class Backend(abc.ABC):
         """Why this backend cannot run on this machine at all (None: it can)."""
         return None
 
+    # State the forward may keep for the backward (ops.py, keep_state): by default none, and
+    # the backward recomputes what it needs. A backend that keeps state overrides all three.
+    def saved_state_shapes(self, x, g, params, training) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Shapes and dtypes of what `forward_saving` keeps, without running anything."""
+        return []
+
+    def forward_saving(self, x, g, params, hyper, training):
+        """(the forward's outputs, the kept state as a list of tensors)."""
+        return self.forward(x, g, params, hyper, training), []
+
+    def backward_saved(self, grads, x, g, params, hyper, training, wanted, saved):
+        raise NotImplementedError(f"backend {self.name!r} keeps no state for its backward, "
+                                  f"got {len(saved)} saved tensors")
+
     def not_supported_reasons(self, problem: Problem) -> list[str]:
         reasons = []
         why = self.unavailable_reason()

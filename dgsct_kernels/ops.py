@@ -8,6 +8,12 @@ returns the batch statistics and the caller updates the buffers (see functional.
 Parameters travel as one list of the tensors present, in `OP_PARAM_NAMES` order, plus a
 `layout` of which optional layers exist (autograd supports lists of tensors, not lists
 with holes).
+
+With `keep_state` (set by `call_forward` when autograd will need a backward) the forward
+also returns `saved`: small state the backend keeps for its backward instead of
+recomputing it (never an [F, N, C] tensor; empty for backends that recompute everything).
+A backend keeps state by overriding `Backend.saved_state_shapes` (for the fake
+implementation), `forward_saving` and `backward_saved` (dispatch.py; backends/cpu.py).
 """
 from __future__ import annotations
 
@@ -42,18 +48,23 @@ def _present_names(layout: Sequence[bool]) -> list[str]:
 
 @torch.library.custom_op("dgsct_kernels::forward", mutates_args=())
 def dgsct_forward(x: Tensor, g: Tensor, params: list[Tensor], layout: list[bool],
-                  hyper: list[float], training: bool, backend: str
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(residual, spatial_map, temporal_gate [F], bn1 mean, bn1 var, bn2 mean, bn2 var)."""
+                  hyper: list[float], training: bool, backend: str, keep_state: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """(residual, spatial_map, temporal_gate [F], bn1 mean, bn1 var, bn2 mean, bn2 var, saved)."""
     if x.shape[0] == 0:  # an empty eval batch: nothing for a kernel to do
-        return tuple(t.clone() for t in _forward_fake(x, g, params, layout, hyper, training, backend))
+        *out, saved = _forward_fake(x, g, params, layout, hyper, training, backend, keep_state)
+        return (*(t.clone() for t in out), [t.clone() for t in saved])
     announce(backend, x.device.type, x.dtype, training)
-    out = get_backend(backend).forward(x, g, unpack_params(params, layout), Hyper(*hyper), training)
-    return tuple(out)
+    chosen, p = get_backend(backend), unpack_params(params, layout)
+    if keep_state:
+        out, saved = chosen.forward_saving(x, g, p, Hyper(*hyper), training)
+    else:
+        out, saved = chosen.forward(x, g, p, Hyper(*hyper), training), []
+    return (*out, list(saved))
 
 
 @dgsct_forward.register_fake
-def _forward_fake(x, g, params, layout, hyper, training, backend):
+def _forward_fake(x, g, params, layout, hyper, training, backend, keep_state=False):
     frames, tokens, dim = x.shape
     p = unpack_params(params, layout)
     if training and p["bn1.weight"] is not None:
@@ -62,53 +73,65 @@ def _forward_fake(x, g, params, layout, hyper, training, backend):
         stats = [x.new_empty(n, dtype=acc) for n in (hidden, hidden, channels, channels)]
     else:  # eval or no BatchNorm: no statistics
         stats = [x.new_empty(0) for _ in range(4)]
-    return (x.new_empty(frames, tokens, dim), x.new_empty(frames, tokens), x.new_empty(frames), *stats)
+    chosen = get_backend(backend)
+    saved = ([x.new_empty(shape, dtype=dtype)
+              for shape, dtype in chosen.saved_state_shapes(x, g, p, training)]
+             if keep_state else [])
+    return (x.new_empty(frames, tokens, dim), x.new_empty(frames, tokens), x.new_empty(frames), *stats,
+            saved)
 
 
 @torch.library.custom_op("dgsct_kernels::backward", mutates_args=())
 def dgsct_backward(grad_residual: Tensor, grad_spatial_map: Tensor, grad_temporal_gate: Tensor,
                    x: Tensor, g: Tensor, params: list[Tensor], layout: list[bool],
-                   hyper: list[float], training: bool, backend: str, wanted: list[bool]
-                   ) -> list[Tensor]:
-    """Gradients for [x, g, *params]; an empty tensor where `wanted` is False."""
+                   hyper: list[float], training: bool, backend: str, wanted: list[bool],
+                   saved: list[Tensor]) -> list[Tensor]:
+    """Gradients for [x, g, *params]; an empty tensor where `wanted` is False. `saved` is
+    the forward's kept state (empty: the backend recomputes what it needs)."""
     names = ["x", "g"] + _present_names(layout)
     if x.shape[0] == 0:  # an empty eval batch contributes nothing to any gradient
         return [torch.zeros_like(t, memory_format=torch.contiguous_format) if w else x.new_empty(0)
                 for t, w in zip([x, g, *params], wanted)]
     chosen = [n for n, w in zip(names, wanted) if w]
-    grads = get_backend(backend).backward(
-        (grad_residual, grad_spatial_map, grad_temporal_gate), x, g, unpack_params(params, layout),
-        Hyper(*hyper), training, chosen)
+    grads_in = (grad_residual, grad_spatial_map, grad_temporal_gate)
+    p, impl = unpack_params(params, layout), get_backend(backend)
+    if saved:
+        grads = impl.backward_saved(grads_in, x, g, p, Hyper(*hyper), training, chosen, saved)
+    else:
+        grads = impl.backward(grads_in, x, g, p, Hyper(*hyper), training, chosen)
     return [grads[n].contiguous() if n in grads else x.new_empty(0) for n in names]
 
 
 @dgsct_backward.register_fake
 def _backward_fake(grad_residual, grad_spatial_map, grad_temporal_gate, x, g, params, layout, hyper,
-                   training, backend, wanted):
+                   training, backend, wanted, saved):
     return [torch.empty_like(t, memory_format=torch.contiguous_format) if w else x.new_empty(0)
             for t, w in zip([x, g, *params], wanted)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, g, params, layout, hyper, training, backend = inputs
+    x, g, params, layout, hyper, training, backend, keep_state = inputs
     if training:  # the running buffers are not read, and the caller updates them in place
         params = [x.new_empty(0) if n in BUFFER_NAMES else p
                   for n, p in zip(_present_names(layout), params)]
-    ctx.save_for_backward(x, g, *params)
+    saved = output[7]
+    ctx.save_for_backward(x, g, *params, *saved)
+    ctx.num_params = len(params)
     ctx.layout, ctx.hyper, ctx.training, ctx.backend = layout, hyper, training, backend
-    ctx.mark_non_differentiable(*output[3:])
+    ctx.mark_non_differentiable(*output[3:7], *saved)
 
 
-def _backward(ctx, grad_residual, grad_spatial_map, grad_temporal_gate, *unused_stat_grads):
-    x, g, *params = ctx.saved_tensors
+def _backward(ctx, grad_residual, grad_spatial_map, grad_temporal_gate, *unused_grads):
+    x, g, *rest = ctx.saved_tensors
+    params, saved = rest[:ctx.num_params], rest[ctx.num_params:]
     needs_x, needs_g, needs_params = ctx.needs_input_grad[:3]
     wanted = [bool(needs_x), bool(needs_g), *(bool(n) for n in needs_params)]
     if not any(wanted):
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     grads = dgsct_backward(grad_residual, grad_spatial_map, grad_temporal_gate, x, g, params,
-                           ctx.layout, ctx.hyper, ctx.training, ctx.backend, wanted)
+                           ctx.layout, ctx.hyper, ctx.training, ctx.backend, wanted, saved)
     grads = [gr if w else None for gr, w in zip(grads, wanted)]
-    return grads[0], grads[1], grads[2:], None, None, None, None
+    return grads[0], grads[1], grads[2:], None, None, None, None, None
 
 
 torch.library.register_autograd("dgsct_kernels::forward", _backward, setup_context=_setup_context)
@@ -120,12 +143,13 @@ def _autocast_kernel(device_type: str):
     float32 master parameters get float32 gradients; the backward op sees one dtype."""
     autocast_key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
-    def kernel(keyset, x, g, params, layout, hyper, training, backend):
+    def kernel(keyset, x, g, params, layout, hyper, training, backend, keep_state=False):
         dtype = autocast_dtype(x, [g, *params])
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(autocast_key)):
             if dtype is not None:
                 x, g, params = x.to(dtype), g.to(dtype), [p.to(dtype) for p in params]
-            return torch.ops.dgsct_kernels.forward.default(x, g, params, layout, hyper, training, backend)
+            return torch.ops.dgsct_kernels.forward.default(x, g, params, layout, hyper, training, backend,
+                                                           keep_state)
 
     return kernel
 
@@ -140,4 +164,6 @@ for _device_type in ("cpu", "cuda"):
 def call_forward(x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], hyper: Hyper,
                  training: bool, backend: str) -> RawOutputs:
     tensors, layout = pack_params(params)
-    return RawOutputs(*dgsct_forward(x, g, tensors, layout, list(hyper), training, backend))
+    keep_state = torch.is_grad_enabled() and any(t.requires_grad for t in (x, g, *tensors))
+    *out, _saved = dgsct_forward(x, g, tensors, layout, list(hyper), training, backend, keep_state)
+    return RawOutputs(*out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,10 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 COLUMNS = ["device", "device_name", "torch", "triton", "date", "backend", "shape", "N", "C", "M",
            "D", "F", "dtype", "mode", "median_ms", "p10_ms", "p90_ms", "repeats",
            "speedup_vs_eager", "saved_bytes", "saved_over_x", "saved_activation_bytes",
-           "floor_bytes", "plan_bytes", "achieved_gbps", "vs_bandwidth_floor", "roofline_ms", "vs_roofline"]
+           "floor_bytes", "plan_bytes", "achieved_gbps", "vs_bandwidth_floor", "roofline_ms", "vs_roofline",
+           "gemm_gflops_fp32", "gemm_gflops_bf16", "gemm_gflops_fp16", "gemm_gflops_fp64", "call_flops",
+           "call_gflops", "call_fraction_of_gemm", "guide_order", "guide_dtype", "guide_flops", "guide_ms",
+           "guide_gflops", "guide_gemm_gflops", "guide_fraction_of_gemm", "guide_unmeasured_reason"]
 MODES = ["eval-fwd", "train-fwd+bwd"]
 
 
@@ -75,7 +79,8 @@ def test_tiny_run_writes_one_row_per_shape_mode_backend(tmp_path, monkeypatch):
     table_header = printed.stdout.splitlines()[0]
     legend = printed.stdout.split("columns ('-': not measured for that row):\n")[1].splitlines()
     for column in ("shape", "mode", "backend", "median ms", "p10-p90 ms", "vs eager", "saved MB",
-                   "saved/x", "activ. MB", "x floor", "GB/s", "x roofline"):
+                   "saved/x", "activ. MB", "x floor", "GB/s", "x roofline", "GFLOP/s", "of gemm",
+                   "guide GFLOP/s", "guide of gemm"):
         assert column in table_header
         assert sum(line.strip().startswith(column + "  ") for line in legend) == 1, column
     for row in rows:
@@ -85,6 +90,74 @@ def test_tiny_run_writes_one_row_per_shape_mode_backend(tmp_path, monkeypatch):
         if row["backend"] == "eager":
             assert float(row["speedup_vs_eager"]) == 1.0
             assert measured == (row["saved_activation_bytes"] not in ("", "0"))
+    check_efficiency_columns(rows, header, printed.stdout)
+
+
+def positive(value: str) -> bool:
+    return value != "" and math.isfinite(float(value)) and float(value) > 0
+
+
+def check_efficiency_columns(rows: list[dict], header: dict, stdout: str) -> None:
+    """GEMM rates, the call's and the guide path's FLOPs and rates: positive and finite where
+    defined, and where a guide path is not timed apart, a reason instead."""
+    assert list(header["columns"]) == COLUMNS and all(header["columns"].values())
+    assert positive(str(header["gemm_gflops_fp32"])) and positive(str(header["gemm_gflops_bf16"]))
+    assert (header["gemm_gflops_fp16"] is None) == ("fp16" in header["gemm_unmeasured"])
+    assert "GEMM rate, GFLOP/s" in stdout and f"fp32 {header['gemm_gflops_fp32']:.0f}" in stdout
+    for row in rows:
+        assert row["gemm_gflops_fp32"] == str(header["gemm_gflops_fp32"])
+        for column in ("call_flops", "call_gflops", "call_fraction_of_gemm", "guide_flops"):
+            assert positive(row[column]), (row["backend"], column)
+        # triton runs tokens-first, the tiny shapes' order, through prompts_and_pooled_guide
+        timed_apart = row["backend"] == "eager" or (row["backend"] in ("cpu", "reference", "triton")
+                                                     and row["mode"] == "eval-fwd")
+        for column in ("guide_ms", "guide_gflops", "guide_gemm_gflops", "guide_fraction_of_gemm"):
+            assert positive(row[column]) == timed_apart, (row["backend"], row["mode"], column)
+        assert (row["guide_unmeasured_reason"] == "") == timed_apart
+        expected_order = "as-written" if row["backend"] in ("eager", "reference") else "tokens-first"
+        assert row["guide_order"] == expected_order  # plan_guide_path's choice at the tiny shapes
+
+
+def test_guide_and_call_flops_match_a_hand_count(monkeypatch):
+    """tiny-visual, F=10: N=36, C=32, M=64, D=16, K=32, H=4, G=2, counted by hand from
+    SPEC.md's cost model; every order also agrees with plan_guide_path at every shape."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from shapes import AVE_SHAPES, SHAPES, TINY_SHAPES, call_flops, guide_flops
+
+    from dgsct_kernels.guide_path import ORDERS, plan_guide_path
+
+    tiny = SHAPES["tiny-visual"]
+    # 2FNMD + 2FNDC + 4FKNC
+    assert guide_flops(tiny, 10, "as-written") == 737_280 + 368_640 + 1_474_560
+    # 2FK(2MN + 2MD + DC)
+    assert guide_flops(tiny, 10, "rewritten") == 640 * (4608 + 2048 + 512)
+    # steps 3-9: 4FNKC + 2FNC^2 + 2FNC(C/2) + 2FN(C/2) + 4FNH(C/G)
+    target = 1_474_560 + 737_280 + 368_640 + 11_520 + 92_160
+    assert call_flops(tiny, 10, "as-written", training=False) == 2_580_480 + target
+    assert call_flops(tiny, 10, "rewritten", training=True) == 3 * (4_587_520 + target)
+    for shape in AVE_SHAPES + TINY_SHAPES:
+        flops = plan_guide_path(80, shape.tokens, shape.guide_tokens, shape.guide_dim, shape.dim, 32).flops
+        assert {order: guide_flops(shape, 80, order) for order in ORDERS} == flops, shape.label
+
+
+def test_gemm_rate_is_measured_per_dtype(monkeypatch):
+    run = import_runner(monkeypatch)
+    from shapes import SHAPES, guide_products
+
+    products = guide_products(SHAPES["tiny-audio"], 10, "rewritten")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if run.gemm_unsupported_reason(torch.device("cpu"), dtype) is None:
+            rate = run.gemm_gflops(products, dtype, torch.device("cpu"))
+            assert math.isfinite(rate) and rate > 0, dtype
+    args = run.parse_args(["--device", "cpu", "--shapes", "tiny-audio", "--dtype", "bfloat16"])
+    env = {}
+    run.measure_gemm_rates(args, env)
+    for tag in ("fp32", "bf16", "fp16"):
+        rate = env[f"gemm_gflops_{tag}"]
+        assert (rate is None) == (tag in env["gemm_unmeasured"])
+        assert rate is None or (math.isfinite(rate) and rate > 0)
+    assert env["gemm_gflops_fp64"] is None
+    assert set(env["gemm_gflops_by_products"]["bf16"]["tiny-audio"]) == {"as-written", "tokens-first"}
 
 
 def test_time_budget_stops_starting_cases_and_keeps_the_rows(tmp_path):

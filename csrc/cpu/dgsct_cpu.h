@@ -61,6 +61,17 @@ inline BnAffine identity_affine(int64_t n, const at::TensorOptions& o) {
 }
 
 GuideState guide_forward(const at::Tensor& g, const std::vector<at::Tensor>& p, const std::string& order);
+// The guide path's share of the state the forward keeps for the backward: rewritten
+// A [F, K, N], B [F, K, M], applied [F, K, D], ab [F, K], ga [F, D]; tokens-first
+// U [F, N, D] only when D < C (so it is smaller than x), A, AU [F, K, D], ubar [F, D].
+inline bool guide_keeps_u(int64_t D, int64_t C) { return D < C; }
+std::vector<at::Tensor> guide_kept(const GuideState& s, int64_t C);
+std::vector<std::vector<int64_t>> guide_kept_shapes(const std::string& order, int64_t F, int64_t N, int64_t M,
+                                                    int64_t D, int64_t K, int64_t C);
+// guide_forward's state from guide_kept's tensors; recomputes only the frame-independent
+// products, Sg = Q g^T (2FKMD FLOPs) and, when U was not kept, U = Wtok g + btok.
+GuideState guide_restore(const at::Tensor& g, const std::vector<at::Tensor>& p, const std::string& order,
+                         const at::Tensor& R, const at::Tensor& a, at::ArrayRef<at::Tensor> kept);
 GuideGrads guide_backward(const GuideState& s, const std::vector<at::Tensor>& p, const at::Tensor& dR,
                           const at::Tensor& da, bool want_g);
 

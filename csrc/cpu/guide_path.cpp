@@ -17,23 +17,44 @@ namespace dgsct::cpu {
 
 using at::Tensor;
 
-GuideState guide_forward(const Tensor& g, const std::vector<Tensor>& p, const std::string& order) {
+namespace {
+
+void check_order(const std::string& order) {
+  TORCH_CHECK(order == "rewritten" || order == "tokens-first", "dgsct_kernels cpu: guide_order='", order,
+              "': expected 'rewritten' or 'tokens-first'");
+}
+
+// What both orders' backward read besides the kept tensors: Q = T Wfc, and for the
+// rewritten order qsum = Q 1_D, wsum = Wfc 1_D, wbar = mean_n Wtok and Sg = Q g^T.
+GuideState guide_start(const Tensor& g, const std::vector<Tensor>& p, const std::string& order) {
+  check_order(order);
   GuideState s;
   s.order = order;
   s.g = g;
-  const int64_t F = g.size(0), M = g.size(1), D = g.size(2);
+  const Tensor& wfc = p[kWfc];  // [C, D]
+  s.Q = at::mm(p[kTokens], wfc);  // [K, D]
+  if (order == "rewritten") {
+    s.qsum = s.Q.sum(1);  // [K]
+    s.wsum = wfc.sum(1);  // [C]
+    s.wbar = p[kWtok].reshape({-1, g.size(1)}).mean(0);  // [M]
+    s.Sg = at::matmul(s.Q, g.transpose(1, 2)).contiguous();  // [F, K, M]
+  }
+  return s;
+}
+
+}  // namespace
+
+GuideState guide_forward(const Tensor& g, const std::vector<Tensor>& p, const std::string& order) {
+  GuideState s = guide_start(g, p, order);
+  const int64_t F = g.size(0), M = g.size(1);
   const Tensor& T = p[kTokens];
-  const int64_t K = T.size(0), C = T.size(1);
+  const int64_t K = T.size(0);
   const Tensor wtok = p[kWtok].reshape({-1, M});  // [N, M]
   const int64_t N = wtok.size(0);
   const Tensor& btok = p[kBtok];
   const Tensor& wfc = p[kWfc];  // [C, D]
   const Tensor& bfc = p[kBfc];
-  s.Q = at::mm(T, wfc);  // [K, D]
   if (order == "rewritten") {
-    s.qsum = s.Q.sum(1);     // [K]
-    s.wsum = wfc.sum(1);     // [C]
-    s.Sg = at::matmul(s.Q, g.transpose(1, 2)).contiguous();  // [F, K, M]
     Tensor S = at::mm(s.Sg.view({F * K, M}), wtok.t()).view({F, K, N});
     S.add_(at::outer(s.qsum, btok));  // broadcast over frames
     s.A = at::softmax(S, -1);                                  // [F, K, N]
@@ -41,21 +62,52 @@ GuideState guide_forward(const Tensor& g, const std::vector<Tensor>& p, const st
     s.applied = at::bmm(s.B, g);                                // [F, K, D]
     s.ab = at::matmul(s.A, btok);                               // [F, K]
     s.R = at::matmul(s.applied, wfc.t()).add_(s.ab.unsqueeze(-1) * s.wsum).add_(bfc).add_(T);
-    s.wbar = wtok.mean(0);                                      // [M]
-    s.ga = at::matmul(s.wbar, g);                               // [F, D]
+    s.ga = at::matmul(s.wbar, g).contiguous();                  // [F, D]
     s.a = at::mm(s.ga, wfc.t()).add_(btok.mean() * s.wsum).add_(bfc);
-  } else if (order == "tokens-first") {
+  } else {
     s.U = at::matmul(wtok, g).add_(btok.unsqueeze(-1));        // [F, N, D]
     s.A = at::softmax(at::matmul(s.Q, s.U.transpose(1, 2)), -1);  // [F, K, N]
     s.AU = at::bmm(s.A, s.U);                                   // [F, K, D]
     s.R = at::matmul(s.AU, wfc.t()).add_(bfc).add_(T);
     s.ubar = s.U.mean(1);                                       // [F, D]
     s.a = at::mm(s.ubar, wfc.t()).add_(bfc);
-  } else {
-    TORCH_CHECK(false, "dgsct_kernels cpu: guide_order='", order, "': expected 'rewritten' or 'tokens-first'");
   }
-  (void)C;
-  (void)D;
+  return s;
+}
+
+std::vector<Tensor> guide_kept(const GuideState& s, int64_t C) {
+  if (s.order == "rewritten") return {s.A, s.B, s.applied, s.ab, s.ga};
+  if (guide_keeps_u(s.g.size(2), C)) return {s.U, s.A, s.AU, s.ubar};
+  return {s.A, s.AU, s.ubar};
+}
+
+std::vector<std::vector<int64_t>> guide_kept_shapes(const std::string& order, int64_t F, int64_t N, int64_t M,
+                                                    int64_t D, int64_t K, int64_t C) {
+  check_order(order);
+  if (order == "rewritten") return {{F, K, N}, {F, K, M}, {F, K, D}, {F, K}, {F, D}};
+  if (guide_keeps_u(D, C)) return {{F, N, D}, {F, K, N}, {F, K, D}, {F, D}};
+  return {{F, K, N}, {F, K, D}, {F, D}};
+}
+
+GuideState guide_restore(const Tensor& g, const std::vector<Tensor>& p, const std::string& order, const Tensor& R,
+                         const Tensor& a, at::ArrayRef<Tensor> kept) {
+  GuideState s = guide_start(g, p, order);
+  s.R = R;
+  s.a = a;
+  if (order == "rewritten") {
+    s.A = kept[0];
+    s.B = kept[1];
+    s.applied = kept[2];
+    s.ab = kept[3];
+    s.ga = kept[4];
+  } else {
+    const bool has_u = kept.size() == 4;
+    s.U = has_u ? kept[0]
+                : at::matmul(p[kWtok].reshape({-1, g.size(1)}), g).add_(p[kBtok].unsqueeze(-1));  // as guide_forward
+    s.A = kept[has_u + 0];
+    s.AU = kept[has_u + 1];
+    s.ubar = kept[has_u + 2];
+  }
   return s;
 }
 

@@ -13,7 +13,9 @@
 //   bottleneck   x -> x1 -> xc -> s; xm, ln_before, z = down(y) stored [F, N, H]
 //   moments      (training with BatchNorm) z -> h -> u: bn2's batch sums
 //   output       z -> h -> u -> bn2, ln_post, gate -> o
-// Backward (recomputes the above from x, g and the parameters; nothing [F, N, C] is saved):
+// Backward: given the forward's kept state (guide path, per-frame vectors, batch statistics;
+// nothing [F, N, C]) it re-runs only channel and bottleneck, to refill the transient
+// [F, N, *] buffers; given none (the plain fused_backward op) it recomputes everything:
 //   tail         z -> h -> u -> ub -> o; dO -> d(ln_post) -> d(bn2) -> du -> dh -> dzb [F, N, H]
 //                (a first sweep gathers bn2's global sums in training)
 //   front 1      x -> x1 ... y; dz -> dy -> d(ln_before) -> dxm -> modulation, spatial
@@ -293,7 +295,7 @@ Tensor zeros(std::initializer_list<int64_t> size) {
 
 // ---------------------------------------------------------------- forward passes
 
-// Token sums of qv1 = relu(x1 W1^T + b1): [F, C].
+// Token sums of qv1 = relu(x1 W1^T + b1): [F, C] (zeros when n.ch is already set).
 template <typename scalar_t, typename acc_t>
 Tensor channel_pass(const Net<scalar_t, acc_t>& n) {
   const int64_t BN = n.BN, C = n.C, K = n.K;
@@ -307,9 +309,10 @@ Tensor channel_pass(const Net<scalar_t, acc_t>& n) {
       n.prompt(xt, f, rows, P.data(), PR.data(), x1.data());
       gemm<acc_t>(false, true, rows, C, C, 1, x1.data(), C, n.W1, C, 0, v.data(), C);
       acc_t* out = pp + it * C;
-      for (int64_t r = 0; r < rows; ++r)
-        DGSCT_SIMD
-        for (int64_t c = 0; c < C; ++c) out[c] += std::max(v[r * C + c] + n.b1[c], acc_t(0));
+      if (!n.ch)  // else the channel attention is known (the kept state)
+        for (int64_t r = 0; r < rows; ++r)
+          DGSCT_SIMD
+          for (int64_t c = 0; c < C; ++c) out[c] += std::max(v[r * C + c] + n.b1[c], acc_t(0));
       if (n.X1) {
         const int64_t g0 = n.row0(it);
         std::copy(x1.begin(), x1.begin() + rows * C, n.X1 + g0 * C);
@@ -324,13 +327,13 @@ Tensor channel_pass(const Net<scalar_t, acc_t>& n) {
   return part.view({n.F, n.ntiles, C}).sum(1);
 }
 
-// s [F, N] and z [F, N, H] (both accumulation dtype); bn1 sums per item when asked.
+// s [F, N] and z [F, N, H] (both accumulation dtype); bn1 sums per item when zsums is defined.
 template <typename scalar_t, typename acc_t>
 void bottleneck_pass(const Net<scalar_t, acc_t>& n, Tensor& s, Tensor& z, Tensor& zsums) {
   const int64_t BN = n.BN, C = n.C, K = n.K, H = n.H, Ch = n.Ch;
   acc_t* sp = s.data_ptr<acc_t>();
   acc_t* zp = z.data_ptr<acc_t>();
-  double* zs = n.batch_stats ? zsums.data_ptr<double>() : nullptr;
+  double* zs = zsums.defined() ? zsums.data_ptr<double>() : nullptr;
   n.for_chunks([&](int64_t, int64_t b, int64_t e) {
     std::vector<acc_t> xb(BN * C), P(BN * K), PR(BN * C), x1buf(BN * C), xc(BN * C), vbuf(BN * Ch);
     for (int64_t it = b; it < e; ++it) {
@@ -863,20 +866,79 @@ struct FrontState {
   Net<scalar_t, acc_t> net;
 };
 
+// What the forward keeps for the backward (the `saved` list of fused_forward_saving and
+// fused_backward_saved, in the accumulation dtype), then guide_kept's tensors.
+// backends/cpu.py (CpuBackend.saved_state_shapes) states the same shapes for the fake op.
+enum Kept : int {
+  kKeptR = 0, kKeptPooled, kKeptQa1Pre, kKeptQa1, kKeptQa2Pre, kKeptQa2, kKeptTg, kKeptColsum, kKeptJoint,
+  kKeptHidPre, kKeptHid, kKeptCh, kKeptMean1, kKeptVar1, kKeptMean2, kKeptVar2, kNumKeptCommon
+};
+constexpr const char* kKeptNames[kNumKeptCommon] = {
+    "R", "a", "qa1_pre", "qa1", "qa2_pre", "qa2", "tg", "colsum", "joint", "hid_pre", "hid", "ch",
+    "bn1 mean", "bn1 var", "bn2 mean", "bn2 var"};
+
+std::vector<std::vector<int64_t>> kept_shapes(const Prepared& pr, const Tensor& x, const Tensor& g, bool training,
+                                              const std::string& order) {
+  const auto& p = pr.p;
+  const int64_t F = x.size(0), N = x.size(1), C = x.size(2), M = g.size(1), D = g.size(2);
+  const int64_t K = p[kTokens].size(0), Ch = p[kWv2].size(0), Cb = p[kWb].size(0), H = p[kWd].size(0);
+  const bool stats = training && pr.has_bn;
+  std::vector<std::vector<int64_t>> shapes{{F, K, C}, {F, C},  {F, C}, {F, C},  {F, Ch}, {F, Ch},
+                                           {F},       {F, C},  {F, C}, {F, Cb}, {F, Cb}, {F, C}};
+  for (int64_t n : {H, H, C, C}) shapes.push_back({stats ? n : 0});
+  for (auto& s : guide_kept_shapes(order, F, N, M, D, K, C)) shapes.push_back(s);
+  return shapes;
+}
+
+void check_kept(const std::vector<Tensor>& kept, const std::vector<std::vector<int64_t>>& shapes, at::ScalarType acc) {
+  TORCH_CHECK(kept.size() == shapes.size(), "dgsct_kernels cpu: saved has ", kept.size(), " tensors, expected ",
+              shapes.size(), " (what fused_forward_saving returns for these shapes, training flag and guide_order)");
+  for (size_t i = 0; i < kept.size(); ++i) {
+    const Tensor& t = kept[i];
+    const char* name = i < kNumKeptCommon ? kKeptNames[i] : "guide path state";
+    TORCH_CHECK(t.defined() && t.device().is_cpu() && t.scalar_type() == acc && t.sizes() == at::IntArrayRef(shapes[i]),
+                "dgsct_kernels cpu: saved[", i, "] (", name, ") is ",
+                t.defined() ? t.toString() + " " + c10::str(t.sizes()) : std::string("undefined"), ", expected a CPU ",
+                acc, " tensor of shape ", at::IntArrayRef(shapes[i]));
+  }
+}
+
+// Contiguous with the default strides, as the op's fake implementation makes its outputs.
+Tensor dense(const Tensor& t) {
+  int64_t stride = 1;
+  for (int64_t d = t.dim() - 1; d >= 0; --d) {
+    if (t.stride(d) != stride) return t.clone(at::MemoryFormat::Contiguous);
+    stride *= t.size(d);
+  }
+  return t;
+}
+
 template <typename scalar_t, typename acc_t>
 FrontState<scalar_t, acc_t> run_front(const Tensor& x, const Tensor& g, const Prepared& pr, bool training,
-                                      const std::string& order, bool for_backward = false) {
+                                      const std::string& order, bool for_backward = false,
+                                      const std::vector<Tensor>& kept = {}) {
   FrontState<scalar_t, acc_t> st;
   PhaseTimer timer;
   const auto& p = pr.p;
-  st.guide = guide_forward(g.to(pr.acc).contiguous(), p, order);
-  timer("guide");
-  st.fv = frame_vectors(p, st.guide.a);
+  const bool restored = !kept.empty();
+  const Tensor gacc = g.to(pr.acc).contiguous();
+  if (restored) {
+    auto c = [&](int i) { return kept[i].contiguous(); };
+    st.guide = guide_restore(gacc, p, order, c(kKeptR), c(kKeptPooled),
+                             at::ArrayRef<Tensor>(kept).slice(kNumKeptCommon));
+    st.fv = FrameVectors{c(kKeptQa1Pre), c(kKeptQa1), c(kKeptQa2Pre), c(kKeptQa2), c(kKeptTg),
+                         c(kKeptJoint),  c(kKeptHidPre), c(kKeptHid), c(kKeptCh)};
+    st.colsum = c(kKeptColsum);
+    timer("restore");
+  } else {
+    st.guide = guide_forward(gacc, p, order);
+    timer("guide");
+    st.fv = frame_vectors(p, st.guide.a);
+  }
   auto& n = st.net;
   n = make_net<scalar_t, acc_t>(x, pr, st.guide.R, st.fv);
   n.batch_stats = training && pr.has_bn;
   if (for_backward) {  // transient buffers, freed when the backward returns
-    auto o = at::TensorOptions().dtype(pr.acc);
     st.X1 = workspace(kSlotX1, {n.F, n.N, n.C}, pr.acc);
     st.Pst = workspace(kSlotP, {n.F, n.N, n.K}, pr.acc);
     st.M1 = workspace(kSlotM1, {n.F, n.N, n.C}, at::kByte);
@@ -886,19 +948,29 @@ FrontState<scalar_t, acc_t> run_front(const Tensor& x, const Tensor& g, const Pr
     n.M1 = st.M1.template data_ptr<uint8_t>();
     n.V2 = st.V2.template data_ptr<acc_t>();
   }
-  st.colsum = channel_pass(n);
+  if (restored) n.ch = st.fv.ch.template data_ptr<acc_t>();
+  Tensor colsum = channel_pass(n);
   timer("channel");
-  channel_mlp(p, st.fv, st.colsum, n.N);
-  n.ch = st.fv.ch.template data_ptr<acc_t>();
-  auto o = at::TensorOptions().dtype(pr.acc);
+  if (!restored) {
+    st.colsum = colsum;
+    channel_mlp(p, st.fv, st.colsum, n.N);
+    n.ch = st.fv.ch.template data_ptr<acc_t>();
+  }
   st.s = workspace(kSlotS, {n.F, n.N}, pr.acc);
   st.z = workspace(kSlotZ, {n.F, n.N, n.H}, pr.acc);
-  Tensor zsums = n.batch_stats ? at::zeros({n.items, 2 * n.H}, at::kDouble) : Tensor();
+  Tensor zsums = n.batch_stats && !restored ? at::zeros({n.items, 2 * n.H}, at::kDouble) : Tensor();
   bottleneck_pass(n, st.s, st.z, zsums);
   timer("bottleneck");
   st.spmap = at::softmax(at::tanh(st.s), -1);
   const int64_t count = n.F * n.N;
-  if (n.batch_stats) {
+  if (n.batch_stats && restored) {
+    st.mean1 = kept[kKeptMean1];
+    st.var1 = kept[kKeptVar1];
+    st.mean2 = kept[kKeptMean2];
+    st.var2 = kept[kKeptVar2];
+    st.a1 = bn_affine(p[kBn1W], p[kBn1B], st.mean1, st.var1, pr.hy.bn1_eps);
+    st.a2 = bn_affine(p[kBn2W], p[kBn2B], st.mean2, st.var2, pr.hy.bn2_eps);
+  } else if (n.batch_stats) {
     std::tie(st.mean1, st.var1) = batch_stats(zsums, n.H, count, pr.acc);
     st.a1 = bn_affine(p[kBn1W], p[kBn1B], st.mean1, st.var1, pr.hy.bn1_eps);
     st.a2 = identity_affine(n.C, at::TensorOptions().dtype(pr.acc));
@@ -918,14 +990,28 @@ FrontState<scalar_t, acc_t> run_front(const Tensor& x, const Tensor& g, const Pr
   return st;
 }
 
+// The kept state (enum Kept): fresh tensors that alias no output of the op.
+template <typename scalar_t, typename acc_t>
+std::vector<Tensor> kept_state(const FrontState<scalar_t, acc_t>& st, at::ScalarType acc) {
+  const auto& fv = st.fv;
+  std::vector<Tensor> kept{st.guide.R, st.guide.a, fv.qa1_pre, fv.qa1, fv.qa2_pre, fv.qa2, fv.tg.clone(),
+                           st.colsum, fv.joint, fv.hid_pre, fv.hid, fv.ch};
+  for (const Tensor& t : {st.mean1, st.var1, st.mean2, st.var2})
+    kept.push_back(st.net.batch_stats ? t.clone() : at::empty({0}, at::TensorOptions().dtype(acc)));
+  for (const Tensor& t : guide_kept(st.guide, st.net.C)) kept.push_back(t);
+  for (Tensor& t : kept) t = dense(t);
+  return kept;
+}
+
 template <typename scalar_t, typename acc_t>
 std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& g, const Prepared& pr, bool training,
-                                 const std::string& order) {
+                                 const std::string& order, std::vector<Tensor>* kept = nullptr) {
   auto st = run_front<scalar_t, acc_t>(x, g, pr, training, order);
   PhaseTimer timer;
   Tensor o = at::empty(x.sizes(), x.options());
   output_pass(st.net, st.z, o);
   timer("output");
+  if (kept) *kept = kept_state(st, pr.acc);
   Tensor empty = at::empty({0}, x.options());
   std::vector<Tensor> out{o, st.spmap.to(x.scalar_type()), st.fv.tg.to(x.scalar_type())};
   if (st.net.batch_stats) {
@@ -939,11 +1025,11 @@ std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& g, const Prepare
 template <typename scalar_t, typename acc_t>
 std::vector<Tensor> backward_impl(const Tensor& dO_in, const Tensor& dsp_in, const Tensor& dtg_in, const Tensor& x,
                                   const Tensor& g, const Prepared& pr, bool training, const std::string& order,
-                                  const std::vector<bool>& wanted) {
+                                  const std::vector<bool>& wanted, const std::vector<Tensor>& kept) {
   const auto& p = pr.p;
   auto want = [&](int param) { return wanted[2 + param]; };
   const bool want_x = wanted[0], want_g = wanted[1];
-  auto st = run_front<scalar_t, acc_t>(x, g, pr, training, order, true);
+  auto st = run_front<scalar_t, acc_t>(x, g, pr, training, order, true, kept);
   PhaseTimer timer;
   auto& n = st.net;
   const int64_t F = n.F, N = n.N, C = n.C, H = n.H, K = n.K, Ch = n.Ch, items = n.items, nch = n.nchunks;
@@ -1111,24 +1197,40 @@ std::vector<Tensor> backward_impl(const Tensor& dO_in, const Tensor& dsp_in, con
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_forward_cpu(
-    const Tensor& x_in, const Tensor& g, const c10::List<std::optional<Tensor>>& params, at::ArrayRef<double> hyper,
-    bool training, c10::string_view guide_order) {
+std::vector<Tensor> forward_cpu(const Tensor& x_in, const Tensor& g, const c10::List<std::optional<Tensor>>& params,
+                                at::ArrayRef<double> hyper, bool training, c10::string_view guide_order,
+                                std::vector<Tensor>* kept) {
   Prepared pr = prepare(x_in, g, params, hyper);
   const Tensor x = x_in.contiguous();
   const std::string order(guide_order);
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dgsct_cpu_forward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    out = forward_impl<scalar_t, acc_t>(x, g, pr, training, order);
+    out = forward_impl<scalar_t, acc_t>(x, g, pr, training, order, kept);
   });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_forward_cpu(
+    const Tensor& x, const Tensor& g, const c10::List<std::optional<Tensor>>& params, at::ArrayRef<double> hyper,
+    bool training, c10::string_view guide_order) {
+  auto out = forward_cpu(x, g, params, hyper, training, guide_order, nullptr);
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6]};
 }
 
-std::vector<Tensor> fused_backward_cpu(const Tensor& grad_residual, const Tensor& grad_spatial_map,
-                                       const Tensor& grad_temporal_gate, const Tensor& x_in, const Tensor& g,
-                                       const c10::List<std::optional<Tensor>>& params, at::ArrayRef<double> hyper,
-                                       bool training, c10::string_view guide_order, at::IntArrayRef wanted_in) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>> fused_forward_saving_cpu(
+    const Tensor& x, const Tensor& g, const c10::List<std::optional<Tensor>>& params, at::ArrayRef<double> hyper,
+    bool training, c10::string_view guide_order) {
+  std::vector<Tensor> kept;
+  auto out = forward_cpu(x, g, params, hyper, training, guide_order, &kept);
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], kept};
+}
+
+std::vector<Tensor> backward_cpu(const Tensor& grad_residual, const Tensor& grad_spatial_map,
+                                 const Tensor& grad_temporal_gate, const Tensor& x_in, const Tensor& g,
+                                 const c10::List<std::optional<Tensor>>& params, const std::vector<Tensor>* kept,
+                                 at::ArrayRef<double> hyper, bool training, c10::string_view guide_order,
+                                 at::IntArrayRef wanted_in) {
   Prepared pr = prepare(x_in, g, params, hyper);
   const Tensor x = x_in.contiguous();
   TORCH_CHECK(static_cast<int64_t>(wanted_in.size()) == 2 + kNumParams, "dgsct_kernels cpu: expected ",
@@ -1140,13 +1242,33 @@ std::vector<Tensor> fused_backward_cpu(const Tensor& grad_residual, const Tensor
   std::vector<bool> wanted(wanted_in.begin(), wanted_in.end());
   for (size_t i = 0; i < wanted.size(); ++i) wanted[i] = wanted_in[i] != 0;
   const std::string order(guide_order);
+  if (kept) check_kept(*kept, kept_shapes(pr, x, g, training, order), pr.acc);
+  const std::vector<Tensor> none;
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dgsct_cpu_backward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     out = backward_impl<scalar_t, acc_t>(grad_residual, grad_spatial_map.reshape({x.size(0), x.size(1)}),
-                                         grad_temporal_gate, x, g, pr, training, order, wanted);
+                                         grad_temporal_gate, x, g, pr, training, order, wanted, kept ? *kept : none);
   });
   return out;
+}
+
+std::vector<Tensor> fused_backward_cpu(const Tensor& grad_residual, const Tensor& grad_spatial_map,
+                                       const Tensor& grad_temporal_gate, const Tensor& x, const Tensor& g,
+                                       const c10::List<std::optional<Tensor>>& params, at::ArrayRef<double> hyper,
+                                       bool training, c10::string_view guide_order, at::IntArrayRef wanted) {
+  return backward_cpu(grad_residual, grad_spatial_map, grad_temporal_gate, x, g, params, nullptr, hyper, training,
+                      guide_order, wanted);
+}
+
+std::vector<Tensor> fused_backward_saved_cpu(const Tensor& grad_residual, const Tensor& grad_spatial_map,
+                                             const Tensor& grad_temporal_gate, const Tensor& x, const Tensor& g,
+                                             const c10::List<std::optional<Tensor>>& params, at::TensorList saved,
+                                             at::ArrayRef<double> hyper, bool training, c10::string_view guide_order,
+                                             at::IntArrayRef wanted) {
+  const std::vector<Tensor> kept(saved.begin(), saved.end());
+  return backward_cpu(grad_residual, grad_spatial_map, grad_temporal_gate, x, g, params, &kept, hyper, training,
+                      guide_order, wanted);
 }
 
 }  // namespace
@@ -1154,6 +1276,8 @@ std::vector<Tensor> fused_backward_cpu(const Tensor& grad_residual, const Tensor
 TORCH_LIBRARY_IMPL(dgsct_kernels, CPU, m) {
   m.impl("fused_forward", &fused_forward_cpu);
   m.impl("fused_backward", &fused_backward_cpu);
+  m.impl("fused_forward_saving", &fused_forward_saving_cpu);
+  m.impl("fused_backward_saved", &fused_backward_saved_cpu);
 }
 
 }  // namespace dgsct::cpu

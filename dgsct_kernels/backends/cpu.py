@@ -2,18 +2,26 @@
 
 The kernels (csrc/cpu/) run SPEC.md's forward tile by tile over (frame, token block)
 items with at::parallel_for, keeping every [F, N, C] intermediate of steps 3, 5, 6 and 8
-in cache, and its analytic backward, which recomputes from x, g and the parameters (the
-op saves nothing else). The guide path never forms P and runs in the order
+in cache, and its analytic backward. When the op asks it to keep state, the forward also
+returns what is small (the guide path's [F, K, N] / [F, K, M] products, the per-frame
+vectors, the batch statistics; never an [F, N, C] tensor), and the backward reads it
+instead of re-running the guide path and the channel attention; it still recomputes the
+token passes from x. The guide path never forms P and runs in the order
 `plan_guide_path` chooses, passed from here. bfloat16/float16 compute in float32.
 
 The ops and their glue are shared with the cuda backend (compiled.py).
 """
 from __future__ import annotations
 
-import torch
+from collections.abc import Mapping, Sequence
 
+import torch
+from torch import Tensor
+
+from ..config import OP_PARAM_NAMES, Hyper, accumulation_dtype
 from ..dispatch import register
-from .compiled import CompiledBackend, missing_kernels_reason
+from ..reference import RawOutputs
+from .compiled import CompiledBackend, _guide_order, _slots, missing_kernels_reason
 
 _UNAVAILABLE = missing_kernels_reason("CPU")
 
@@ -24,10 +32,52 @@ class CpuBackend(CompiledBackend):
     devices = ("cpu",)
     dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     description = ("fused C++ forward and analytic backward (at::parallel_for over frames and token "
-                   "blocks, BLAS on tiles; saves only x, g and the parameters)")
+                   "blocks, BLAS on tiles; keeps the guide path's products and per-frame vectors, "
+                   "recomputes the [F, N, C] token passes)")
 
     def unavailable_reason(self) -> str | None:
         return _UNAVAILABLE
+
+    # The op (ops.py) keeps state from the forward for the backward of backends that have
+    # these three methods.
+    def saved_state_shapes(self, x: Tensor, g: Tensor, params: Mapping[str, Tensor | None],
+                           training: bool) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """The shapes and dtype of `forward_saving`'s state, in csrc/cpu's order (enum Kept)."""
+        F, N, C = x.shape
+        M, D = g.shape[1], g.shape[2]
+        K = params["my_tokens"].shape[0]
+        half = params["fc_affine_video_2.weight"].shape[0]
+        bottleneck = params["fc_affine_bottleneck.weight"].shape[0]
+        H = params["down_sampler.weight"].shape[0]
+        stats = training and params.get("bn1.weight") is not None
+        shapes = [(F, K, C), (F, C),  # R, a
+                  (F, C), (F, C), (F, half), (F, half), (F,),  # qa1_pre, qa1, qa2_pre, qa2, tg
+                  (F, C), (F, C), (F, bottleneck), (F, bottleneck), (F, C),  # colsum, joint, hid_pre, hid, ch
+                  *((n if stats else 0,) for n in (H, H, C, C))]  # bn1 mean, var, bn2 mean, var
+        if _guide_order(x, params) == "rewritten":
+            shapes += [(F, K, N), (F, K, M), (F, K, D), (F, K), (F, D)]  # A, B = A Wtok, B g, A btok, wbar g
+        else:  # U [F, N, D] only when smaller than x (csrc/cpu guide_keeps_u), A, A U, mean_n U
+            shapes += [*([(F, N, D)] if D < C else []), (F, K, N), (F, K, D), (F, D)]
+        dtype = accumulation_dtype(x.dtype)
+        return [(shape, dtype) for shape in shapes]
+
+    def forward_saving(self, x: Tensor, g: Tensor, params: Mapping[str, Tensor | None], hyper: Hyper,
+                       training: bool) -> tuple[RawOutputs, list[Tensor]]:
+        *out, saved = torch.ops.dgsct_kernels.fused_forward_saving(
+            x, g, _slots(params), list(hyper), training, _guide_order(x, params))
+        return RawOutputs(*out), list(saved)
+
+    def backward_saved(self, grads: Sequence[Tensor], x: Tensor, g: Tensor,
+                       params: Mapping[str, Tensor | None], hyper: Hyper, training: bool,
+                       wanted: Sequence[str], saved: Sequence[Tensor]) -> dict[str, Tensor]:
+        chosen = set(wanted)
+        if not chosen:
+            return {}
+        names = ["x", "g", *OP_PARAM_NAMES]
+        out = torch.ops.dgsct_kernels.fused_backward_saved(
+            *grads, x, g, _slots(params), list(saved), list(hyper), training, _guide_order(x, params),
+            [int(n in chosen) for n in names])
+        return {n: t for n, t in zip(names, out) if n in chosen}
 
 
 register(CpuBackend())
