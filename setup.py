@@ -148,7 +148,7 @@ if __name__ == "__main__":  # pip runs setup.py as __main__; tests import the he
         python_requires=">=3.10",
         install_requires=requirements["core"],
         extras_require=extras,
-        package_data={"dgsct_kernels": ["measured_winners.json", "compile_status.json"]},
+        package_data={"dgsct_kernels": ["measured_winners.json", "compile_status.json", "param_slots.def"]},
         ext_modules=[CMakeExtension("dgsct_kernels._C")],
         cmdclass={"build_ext": CMakeBuild},
         zip_safe=False,

@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "param_slots.h"
+
 namespace {
 
 pybind11::dict build_info() {
@@ -24,9 +26,18 @@ pybind11::dict build_info() {
   return info;
 }
 
+// The state-dict name of each parameter slot, in the op's order (param_slots.def).
+pybind11::list param_slot_names() {
+  pybind11::list names;
+  for (const char* name : dgsct::kParamNames) names.append(name);
+  return names;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dgsct_kernels compiled extension";
   m.def("build_info", &build_info, "what this build of dgsct_kernels._C contains");
+  m.def("param_slot_names", &param_slot_names,
+        "the op's parameter slots as the C++ side sees them (dgsct_kernels/param_slots.def)");
 }

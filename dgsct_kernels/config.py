@@ -5,7 +5,9 @@ valid inputs and every entry point raises the same clear errors.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple, Optional
 
 import torch
@@ -41,28 +43,27 @@ class Hyper(NamedTuple):
     ln_post_eps: float = 1e-5
 
 
-# Parameters the forward pass reads, in the op's argument order, with the authors' names.
-# gate_tk (stored, unused) and num_batches_tracked are module state the op never sees.
-OP_PARAM_NAMES: tuple[str, ...] = (
-    "conv_adapter.weight", "conv_adapter.bias",
-    "fc.weight", "fc.bias",
-    "my_tokens", "gate_av",
-    "fc_affine_audio_1.weight", "fc_affine_audio_1.bias",
-    "fc_affine_video_1.weight", "fc_affine_video_1.bias",
-    "fc_affine_bottleneck.weight", "fc_affine_bottleneck.bias",
-    "fc_affine_v_c_att.weight", "fc_affine_v_c_att.bias",
-    "fc_affine_video_2.weight", "fc_affine_video_2.bias",
-    "fc_affine_audio_2.weight", "fc_affine_audio_2.bias",
-    "fc_affine_v_s_att.weight", "fc_affine_v_s_att.bias",
-    "temporal_gated.0.weight", "temporal_gated.0.bias",
-    "ln_before.weight", "ln_before.bias",
-    "down_sampler.weight",
-    "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
-    "up_sampler.weight",
-    "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var",
-    "ln_post.weight", "ln_post.bias",
-    "gate",
-)
+def _read_param_slots(path: Path = Path(__file__).with_name("param_slots.def")) -> tuple[str, ...]:
+    """The state-dict names of param_slots.def's DGSCT_SLOT(enumerator, "name") lines, in order:
+    the one declaration of the op's parameter slots, which the C++ sources expand too."""
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.split("//", 1)[0].strip()
+        if not line:
+            continue
+        slot = re.fullmatch(r'DGSCT_SLOT\(\s*(k\w+)\s*,\s*"([^"]+)"\s*\)', line)
+        if slot is None:
+            raise RuntimeError(f"{path}: cannot read {line!r}; expected DGSCT_SLOT(kName, \"state.dict.name\")")
+        names.append(slot.group(2))
+    if not names or len(set(names)) != len(names):
+        raise RuntimeError(f"{path}: expected unique slot names, got {names}")
+    return tuple(names)
+
+
+# Parameters the forward pass reads, in the op's argument order, with the authors' names,
+# declared once in param_slots.def (shared with the C++ sources). gate_tk (stored, unused)
+# and num_batches_tracked are module state the op never sees.
+OP_PARAM_NAMES: tuple[str, ...] = _read_param_slots()
 
 # Optional layers: all of a group's names are present, or none.
 OPTIONAL_GROUPS: dict[str, tuple[str, ...]] = {

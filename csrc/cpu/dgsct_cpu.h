@@ -1,7 +1,8 @@
 // Shared declarations of the fused CPU backend (csrc/cpu/*.cpp).
 //
 // The op receives the parameters as one list in config.OP_PARAM_NAMES order, with an
-// undefined tensor where an optional layer is absent; `Param` names the positions.
+// undefined tensor where an optional layer is absent; `Param` (param_slots.h) names the
+// positions.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,14 +10,18 @@
 #include <string>
 #include <vector>
 
+#include "param_slots.h"
+
 namespace dgsct::cpu {
 
-enum Param : int {
-  kWtok = 0, kBtok, kWfc, kBfc, kTokens, kGateAv,
-  kWa1, kBa1, kWv1, kBv1, kWb, kBb, kWc, kBc, kWv2, kBv2, kWa2, kBa2, kWs, kBs, kWt, kBt,
-  kLnbW, kLnbB, kWd, kBn1W, kBn1B, kBn1Rm, kBn1Rv, kWu, kBn2W, kBn2B, kBn2Rm, kBn2Rv,
-  kLnpW, kLnpB, kGate, kNumParams
-};
+// The slots themselves are declared once, in dgsct_kernels/param_slots.def (see
+// param_slots.h); they are visible here as dgsct::cpu::Param, dgsct::cpu::kWtok, ...
+using ::dgsct::Param;
+using ::dgsct::kNumParams;
+using ::dgsct::kParamNames;
+#define DGSCT_SLOT(id, name) using ::dgsct::id;
+#include "param_slots.def"
+#undef DGSCT_SLOT
 
 // Hyper-parameters in config.Hyper order.
 struct Hyper {

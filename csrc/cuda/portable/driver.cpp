@@ -9,7 +9,8 @@
 #include <array>
 #include <tuple>
 
-#include "cpu/dgsct_cpu.h"  // Param slots and the ATen guide path (shared with the cpu backend)
+#include "cpu/dgsct_cpu.h"  // the ATen guide path (shared with the cpu backend)
+#include "param_slots.h"     // Param slots and kParamNames (from dgsct_kernels/param_slots.def)
 
 namespace dgsct::cuda {
 
@@ -18,16 +19,6 @@ using dgsct::cpu::Param;
 namespace P = dgsct::cpu;
 
 namespace {
-
-constexpr std::array<const char*, P::kNumParams> kNames = {
-    "conv_adapter.weight", "conv_adapter.bias", "fc.weight", "fc.bias", "my_tokens", "gate_av",
-    "fc_affine_audio_1.weight", "fc_affine_audio_1.bias", "fc_affine_video_1.weight", "fc_affine_video_1.bias",
-    "fc_affine_bottleneck.weight", "fc_affine_bottleneck.bias", "fc_affine_v_c_att.weight",
-    "fc_affine_v_c_att.bias", "fc_affine_video_2.weight", "fc_affine_video_2.bias", "fc_affine_audio_2.weight",
-    "fc_affine_audio_2.bias", "fc_affine_v_s_att.weight", "fc_affine_v_s_att.bias", "temporal_gated.0.weight",
-    "temporal_gated.0.bias", "ln_before.weight", "ln_before.bias", "down_sampler.weight", "bn1.weight", "bn1.bias",
-    "bn1.running_mean", "bn1.running_var", "up_sampler.weight", "bn2.weight", "bn2.bias", "bn2.running_mean",
-    "bn2.running_var", "ln_post.weight", "ln_post.bias", "gate"};
 
 struct Prepared {
   std::vector<Tensor> p;  // float32, contiguous, on x's device; undefined where absent
@@ -66,9 +57,9 @@ Prepared prepare(const char* who, const Tensor& x, const Tensor& g, const c10::L
   for (int i = 0; i < P::kNumParams; ++i) {
     std::optional<Tensor> t = params.get(i);
     if (!t.has_value() || !t->defined()) continue;
-    TORCH_CHECK(t->device() == x.device(), "dgsct_kernels ", who, ": params[", kNames[i], "] is on ", t->device(),
+    TORCH_CHECK(t->device() == x.device(), "dgsct_kernels ", who, ": params[", kParamNames[i], "] is on ", t->device(),
                 ", expected x's device ", x.device());
-    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "dgsct_kernels ", who, ": params[", kNames[i],
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "dgsct_kernels ", who, ": params[", kParamNames[i],
                 "] has dtype ", t->scalar_type(), ", expected a floating dtype");
     pr.p[i] = t->to(at::kFloat).contiguous();
   }
@@ -76,7 +67,7 @@ Prepared prepare(const char* who, const Tensor& x, const Tensor& g, const c10::L
                 int(P::kWa1), int(P::kBa1), int(P::kWv1), int(P::kBv1), int(P::kWb), int(P::kBb), int(P::kWc),
                 int(P::kBc), int(P::kWv2), int(P::kBv2), int(P::kWa2), int(P::kBa2), int(P::kWs), int(P::kBs),
                 int(P::kWt), int(P::kBt), int(P::kWd), int(P::kWu)})
-    TORCH_CHECK(pr.p[i].defined(), "dgsct_kernels ", who, ": required parameter ", kNames[i], " is missing");
+    TORCH_CHECK(pr.p[i].defined(), "dgsct_kernels ", who, ": required parameter ", kParamNames[i], " is missing");
   pr.F = x.size(0);
   pr.N = x.size(1);
   pr.C = x.size(2);
@@ -103,7 +94,7 @@ Prepared prepare(const char* who, const Tensor& x, const Tensor& g, const c10::L
     const Tensor& t = pr.p[i];
     if (!t.defined()) continue;
     if (training && is_running(i) && t.numel() == 0) continue;  // not read in training (ops.py drops them)
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(shapes[i]), "dgsct_kernels ", who, ": params[", kNames[i],
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shapes[i]), "dgsct_kernels ", who, ": params[", kParamNames[i],
                 "] has shape ", t.sizes(), ", expected ", at::IntArrayRef(shapes[i]), " for x ", x.sizes(), " and g ",
                 g.sizes());
   }
@@ -532,7 +523,7 @@ std::vector<Tensor> backward_design(const Tensor& grad_residual, const Tensor& g
       out.push_back(empty.clone());
       continue;
     }
-    TORCH_CHECK(grads[i].defined(), "dgsct_kernels ", who, ": internal error, no gradient for ", kNames[i]);
+    TORCH_CHECK(grads[i].defined(), "dgsct_kernels ", who, ": internal error, no gradient for ", kParamNames[i]);
     out.push_back(grads[i].reshape(p[i].sizes()).to(x_in.scalar_type()).contiguous());
   }
   return out;
