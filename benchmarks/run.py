@@ -67,7 +67,7 @@ from dgsct_kernels import dispatch
 from dgsct_kernels.config import OP_PARAM_NAMES, accumulation_dtype
 from dgsct_kernels.cpu_load import busy_cores, threads_beside
 from dgsct_kernels.guide_path import plan_guide_path, prompts_and_pooled_guide
-from dgsct_kernels.reference import reference_forward
+from dgsct_kernels.reference import guide_as_written, reference_forward
 from dgsct_kernels.roofline import peaks_for, total_seconds
 from shapes import (GROUPS, NUM_LATENTS, REDUCTION, SEGMENTS, TRAIN_FLOPS_OVER_FORWARD, Product, Shape,
                     call_flops, cost, guide_flops, guide_products, select_shapes)
@@ -571,19 +571,8 @@ def guide_path_of(name: str, shape: Shape, frames: int, dtype: torch.dtype,
     return order, accumulation_dtype(dtype) if upcast else dtype, reason
 
 
-def as_written_guide(g: Tensor, p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """SPEC.md steps 1, 2 and 4 as reference_forward runs them, forming P (it keeps them
-    inline): (R [F, K, C], a [F, C])."""
-    wtok = p["conv_adapter.weight"].reshape(p["conv_adapter.weight"].shape[0], -1)
-    u = torch.matmul(wtok, g) + p["conv_adapter.bias"][:, None]
-    guide = torch.nn.functional.linear(u, p["fc.weight"], p["fc.bias"])
-    tokens = p["my_tokens"]
-    scores = torch.matmul(tokens, guide.transpose(1, 2)).softmax(-1)
-    return tokens + torch.matmul(scores, guide), guide.mean(1)
-
-
 def run_guide(g: Tensor, p: dict[str, Tensor], order: str) -> tuple[Tensor, Tensor]:
-    return as_written_guide(g, p) if order == "as-written" else prompts_and_pooled_guide(g, p, order)
+    return guide_as_written(g, p) if order == "as-written" else prompts_and_pooled_guide(g, p, order)
 
 
 def guide_step(order: str, dtype: torch.dtype, g: Tensor, params: dict[str, Tensor],

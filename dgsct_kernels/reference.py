@@ -58,6 +58,20 @@ def _batch_norm(z: Tensor, p: Mapping[str, Optional[Tensor]], prefix: str, eps: 
     return out.reshape(z.shape), z.new_empty(0), z.new_empty(0)
 
 
+def guide_as_written(g: Tensor, p: Mapping[str, Optional[Tensor]]) -> tuple[Tensor, Tensor]:
+    """SPEC.md steps 1, 2 and 4 as written, forming P: (R [F, K, C], a [F, C])."""
+    # 1. guide projection: token mixing, then channel mapping
+    wtok = p["conv_adapter.weight"].reshape(p["conv_adapter.weight"].shape[0], -1)  # [N, M]
+    u = torch.matmul(wtok, g) + p["conv_adapter.bias"][:, None]  # [F, N, D]
+    guide = F.linear(u, p["fc.weight"], p["fc.bias"])  # P: [F, N, C]
+    # 2. latent prompt tokens read the guide
+    tokens = p["my_tokens"]  # [K, C]
+    scores = torch.matmul(tokens, guide.transpose(1, 2)).softmax(-1)  # [F, K, N]
+    prompts = tokens + torch.matmul(scores, guide)  # R: [F, K, C]
+    # 4. pooled guide
+    return prompts, guide.mean(1)  # a: [F, C]
+
+
 def reference_forward(x: Tensor, g: Tensor, p: Mapping[str, Optional[Tensor]], hyper: Hyper,
                       training: bool, guide_order: Optional[str] = None) -> RawOutputs:
     """SPEC.md's forward. `p` maps the authors' parameter names to tensors (None: layer off).
@@ -67,16 +81,7 @@ def reference_forward(x: Tensor, g: Tensor, p: Mapping[str, Optional[Tensor]], h
     """
     C = x.shape[-1]
     if guide_order is None:
-        # 1. guide projection: token mixing, then channel mapping
-        wtok = p["conv_adapter.weight"].reshape(p["conv_adapter.weight"].shape[0], -1)  # [N, M]
-        u = torch.matmul(wtok, g) + p["conv_adapter.bias"][:, None]  # [F, N, D]
-        guide = F.linear(u, p["fc.weight"], p["fc.bias"])  # P: [F, N, C]
-        # 2. latent prompt tokens read the guide
-        tokens = p["my_tokens"]  # [K, C]
-        scores = torch.matmul(tokens, guide.transpose(1, 2)).softmax(-1)  # [F, K, N]
-        prompts = tokens + torch.matmul(scores, guide)  # R: [F, K, C]
-        # 4. pooled guide
-        pooled = guide.mean(1)  # a: [F, C]
+        prompts, pooled = guide_as_written(g, p)
     else:
         prompts, pooled = prompts_and_pooled_guide(g, p, guide_order)
     # 3. target reads the prompt tokens

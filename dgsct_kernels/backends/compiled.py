@@ -46,6 +46,21 @@ def _guide_order(x: Tensor, params: Mapping[str, Tensor | None]) -> str:
                            d.num_latents).order
 
 
+def _call_backward(op, grads: Sequence[Tensor], x: Tensor, g: Tensor,
+                   params: Mapping[str, Tensor | None], hyper: Hyper, training: bool,
+                   wanted: Sequence[str], saved: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
+    """Run a fused backward op (with the forward's kept state where given): the gradients named
+    in `wanted`, by name."""
+    chosen = set(wanted)
+    if not chosen:
+        return {}
+    names = ["x", "g", *OP_PARAM_NAMES]
+    state = () if saved is None else (list(saved),)
+    out = op(*grads, x, g, _slots(params), *state, list(hyper), training, _guide_order(x, params),
+             [int(n in chosen) for n in names])
+    return {n: t for n, t in zip(names, out) if n in chosen}
+
+
 class CompiledBackend(Backend):
     """A backend that runs the extension's fused ops; subclasses say where they can run."""
 
@@ -58,11 +73,5 @@ class CompiledBackend(Backend):
     def backward(self, grads: Sequence[Tensor], x: Tensor, g: Tensor,
                  params: Mapping[str, Tensor | None], hyper: Hyper, training: bool,
                  wanted: Sequence[str]) -> dict[str, Tensor]:
-        chosen = set(wanted)
-        if not chosen:
-            return {}
-        names = ["x", "g", *OP_PARAM_NAMES]
-        flags = [int(n in chosen) for n in names]
-        out = torch.ops.dgsct_kernels.fused_backward(*grads, x, g, _slots(params), list(hyper),
-                                                     training, _guide_order(x, params), flags)
-        return {n: t for n, t in zip(names, out) if n in chosen}
+        return _call_backward(torch.ops.dgsct_kernels.fused_backward, grads, x, g, params, hyper,
+                              training, wanted)

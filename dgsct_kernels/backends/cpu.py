@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..config import OP_PARAM_NAMES, Hyper, accumulation_dtype
+from ..config import Hyper, accumulation_dtype
 from ..dispatch import register
 from ..reference import RawOutputs
-from .compiled import CompiledBackend, _guide_order, _slots, missing_kernels_reason
+from .compiled import CompiledBackend, _call_backward, _guide_order, _slots, missing_kernels_reason
 
 _UNAVAILABLE = missing_kernels_reason("CPU")
 
@@ -38,8 +38,7 @@ class CpuBackend(CompiledBackend):
     def unavailable_reason(self) -> str | None:
         return _UNAVAILABLE
 
-    # The op (ops.py) keeps state from the forward for the backward of backends that have
-    # these three methods.
+    # The forward's kept state for the backward (ops.py keep_state; dispatch.Backend's defaults)
     def saved_state_shapes(self, x: Tensor, g: Tensor, params: Mapping[str, Tensor | None],
                            training: bool) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """The shapes and dtype of `forward_saving`'s state, in csrc/cpu's order (enum Kept)."""
@@ -70,14 +69,8 @@ class CpuBackend(CompiledBackend):
     def backward_saved(self, grads: Sequence[Tensor], x: Tensor, g: Tensor,
                        params: Mapping[str, Tensor | None], hyper: Hyper, training: bool,
                        wanted: Sequence[str], saved: Sequence[Tensor]) -> dict[str, Tensor]:
-        chosen = set(wanted)
-        if not chosen:
-            return {}
-        names = ["x", "g", *OP_PARAM_NAMES]
-        out = torch.ops.dgsct_kernels.fused_backward_saved(
-            *grads, x, g, _slots(params), list(saved), list(hyper), training, _guide_order(x, params),
-            [int(n in chosen) for n in names])
-        return {n: t for n, t in zip(names, out) if n in chosen}
+        return _call_backward(torch.ops.dgsct_kernels.fused_backward_saved, grads, x, g, params,
+                              hyper, training, wanted, saved)
 
 
 register(CpuBackend())
