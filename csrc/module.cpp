@@ -5,6 +5,7 @@
 #include <string>
 
 #include "param_slots.h"
+#include "precision_plan.h"
 
 namespace {
 
@@ -33,6 +34,18 @@ pybind11::list param_slot_names() {
   return names;
 }
 
+// The precision plan as the C++ side sees it (precision_plan.def): {product: [dtypes]}.
+pybind11::dict precision_plan() {
+  pybind11::dict plan;
+  for (int i = 0; i < dgsct::kNumProducts; ++i) {
+    pybind11::list dtypes;
+    for (const char* name : {"bf16", "fp16"})
+      if (dgsct::low_precision(static_cast<dgsct::Product>(i), name)) dtypes.append(name);
+    plan[dgsct::kProductNames[i]] = dtypes;
+  }
+  return plan;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -40,4 +53,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "what this build of dgsct_kernels._C contains");
   m.def("param_slot_names", &param_slot_names,
         "the op's parameter slots as the C++ side sees them (dgsct_kernels/param_slots.def)");
+  m.def("precision_plan", &precision_plan,
+        "which products may take bf16/fp16 operands, as the C++ side sees it (precision_plan.def)");
 }

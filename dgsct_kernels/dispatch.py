@@ -54,6 +54,10 @@ class Backend(abc.ABC):
     devices: ClassVar[tuple[str, ...]]
     dtypes: ClassVar[tuple[torch.dtype, ...]]
     description: ClassVar[str]
+    # the products of the precision plan (precision.py) this backend runs with bf16/fp16
+    # operands for bf16/fp16 inputs, a subset of the plan's low-precision products; None:
+    # not governed by the plan (every product in the input dtype, as eager PyTorch)
+    low_precision_products: ClassVar[Optional[frozenset[str]]] = frozenset()
 
     def unavailable_reason(self) -> Optional[str]:
         """Why this backend cannot run on this machine at all (None: it can)."""

@@ -10,6 +10,7 @@ import dgsct_kernels
 from . import dispatch
 from ._extension import extension_status
 from .config import Dims
+from .precision import LOW_PRECISION_DTYPES, PLAN, describe as describe_precision_plan
 
 
 def report() -> str:
@@ -31,6 +32,7 @@ def report() -> str:
         info = status["info"]
         lines.append(f"  extension compiled against torch {info['torch_version']} with {info['compiler']}, "
                      f"OpenMP {'on' if info['openmp'] else 'off'}")
+    lines.append(f"precision plan (precision_plan.def): {describe_precision_plan()}")
     lines.append("backends (auto prefers the first usable one):")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     probe = Dims(tokens=64, dim=96, guide_tokens=64, guide_dim=96, num_latents=32, hidden=12, groups=2)
@@ -48,6 +50,12 @@ def report() -> str:
         lines.append(f"  {backend.name:<10} {state}: {backend.description}")
         if not usable and reasons:
             lines.append(f"             reasons: {'; '.join(sorted(reasons))}")
+        if backend.low_precision_products is None:
+            lines.append("             bf16/fp16 inputs: every product in the input dtype (eager)")
+        elif any(d in LOW_PRECISION_DTYPES.values() for d in backend.dtypes):
+            low = [name for name in PLAN if name in backend.low_precision_products]
+            lines.append(f"             bf16/fp16 inputs: {', '.join(low) or 'no'} products in the input dtype "
+                         "(where the plan lists it), the rest in float32")
     return "\n".join(lines)
 
 

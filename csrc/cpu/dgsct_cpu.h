@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "param_slots.h"
+#include "precision_plan.h"
 
 namespace dgsct::cpu {
 
@@ -22,6 +23,12 @@ using ::dgsct::kParamNames;
 #define DGSCT_SLOT(id, name) using ::dgsct::id;
 #include "param_slots.def"
 #undef DGSCT_SLOT
+// and the precision plan's products (precision_plan.def) as dgsct::cpu::kGuide, ...
+using ::dgsct::Product;
+using ::dgsct::low_precision;
+#define DGSCT_PRODUCT(id, name, low) using ::dgsct::id;
+#include "precision_plan.def"
+#undef DGSCT_PRODUCT
 
 // Hyper-parameters in config.Hyper order.
 struct Hyper {
@@ -32,6 +39,7 @@ struct Hyper {
 // accumulation dtype, with what the analytic backward needs kept.
 struct GuideState {
   std::string order;
+  at::ScalarType operands;  // the guide products' operand dtype (precision_plan.def: guide)
   at::Tensor g;  // [F, M, D], accumulation dtype
   at::Tensor R;  // [F, K, C] prompts
   at::Tensor a;  // [F, C] pooled guide
@@ -65,7 +73,17 @@ inline BnAffine identity_affine(int64_t n, const at::TensorOptions& o) {
   return BnAffine{at::ones({n}, o), at::zeros({n}, o), at::zeros({n}, o), at::ones({n}, o)};
 }
 
-GuideState guide_forward(const at::Tensor& g, const std::vector<at::Tensor>& p, const std::string& order);
+// `operands`: the guide products' operand dtype, guide_operands().
+// The operand dtype of the products the precision plan names `product`, for inputs of
+// dtype `input` computed in `acc`: the input's bf16/fp16 where the plan allows it, else acc.
+inline at::ScalarType operand_dtype(Product product, at::ScalarType input, at::ScalarType acc) {
+  if (input == at::kBFloat16) return low_precision(product, "bf16") ? input : acc;
+  if (input == at::kHalf) return low_precision(product, "fp16") ? input : acc;
+  return acc;
+}
+
+GuideState guide_forward(const at::Tensor& g, const std::vector<at::Tensor>& p, const std::string& order,
+                         at::ScalarType operands);
 // The guide path's share of the state the forward keeps for the backward: rewritten
 // A [F, K, N], B [F, K, M], applied [F, K, D], ab [F, K], ga [F, D]; tokens-first
 // U [F, N, D] only when D < C (so it is smaller than x), A, AU [F, K, D], ubar [F, D].
@@ -76,7 +94,8 @@ std::vector<std::vector<int64_t>> guide_kept_shapes(const std::string& order, in
 // guide_forward's state from guide_kept's tensors; recomputes only the frame-independent
 // products, Sg = Q g^T (2FKMD FLOPs) and, when U was not kept, U = Wtok g + btok.
 GuideState guide_restore(const at::Tensor& g, const std::vector<at::Tensor>& p, const std::string& order,
-                         const at::Tensor& R, const at::Tensor& a, at::ArrayRef<at::Tensor> kept);
+                         const at::Tensor& R, const at::Tensor& a, at::ArrayRef<at::Tensor> kept,
+                         at::ScalarType operands);
 GuideGrads guide_backward(const GuideState& s, const std::vector<at::Tensor>& p, const at::Tensor& dR,
                           const at::Tensor& da, bool want_g);
 

@@ -24,12 +24,22 @@ void check_order(const std::string& order) {
               "': expected 'rewritten' or 'tokens-first'");
 }
 
+// A product over tokens (N or M) in the guide's operand dtype (the precision plan's
+// `guide`: bf16/fp16 for such inputs, through ATen to oneDNN's bf16 units), result in the
+// accumulation dtype. Products of per-frame vectors stay in the accumulation dtype.
+Tensor product(const Tensor& a, const Tensor& b, at::ScalarType operands) {
+  if (operands == a.scalar_type()) return at::matmul(a, b);
+  return at::matmul(a.to(operands), b.to(operands)).to(a.scalar_type());
+}
+
 // What both orders' backward read besides the kept tensors: Q = T Wfc, and for the
 // rewritten order qsum = Q 1_D, wsum = Wfc 1_D, wbar = mean_n Wtok and Sg = Q g^T.
-GuideState guide_start(const Tensor& g, const std::vector<Tensor>& p, const std::string& order) {
+GuideState guide_start(const Tensor& g, const std::vector<Tensor>& p, const std::string& order,
+                       at::ScalarType operands) {
   check_order(order);
   GuideState s;
   s.order = order;
+  s.operands = operands;
   s.g = g;
   const Tensor& wfc = p[kWfc];  // [C, D]
   s.Q = at::mm(p[kTokens], wfc);  // [K, D]
@@ -37,15 +47,17 @@ GuideState guide_start(const Tensor& g, const std::vector<Tensor>& p, const std:
     s.qsum = s.Q.sum(1);  // [K]
     s.wsum = wfc.sum(1);  // [C]
     s.wbar = p[kWtok].reshape({-1, g.size(1)}).mean(0);  // [M]
-    s.Sg = at::matmul(s.Q, g.transpose(1, 2)).contiguous();  // [F, K, M]
+    s.Sg = product(s.Q, g.transpose(1, 2), operands).contiguous();  // [F, K, M]
   }
   return s;
 }
 
 }  // namespace
 
-GuideState guide_forward(const Tensor& g, const std::vector<Tensor>& p, const std::string& order) {
-  GuideState s = guide_start(g, p, order);
+GuideState guide_forward(const Tensor& g, const std::vector<Tensor>& p, const std::string& order,
+                         at::ScalarType operands) {
+  GuideState s = guide_start(g, p, order, operands);
+  const auto lp = [operands](const Tensor& a, const Tensor& b) { return product(a, b, operands); };
   const int64_t F = g.size(0), M = g.size(1);
   const Tensor& T = p[kTokens];
   const int64_t K = T.size(0);
@@ -55,19 +67,19 @@ GuideState guide_forward(const Tensor& g, const std::vector<Tensor>& p, const st
   const Tensor& wfc = p[kWfc];  // [C, D]
   const Tensor& bfc = p[kBfc];
   if (order == "rewritten") {
-    Tensor S = at::mm(s.Sg.view({F * K, M}), wtok.t()).view({F, K, N});
+    Tensor S = lp(s.Sg.view({F * K, M}), wtok.t()).view({F, K, N});
     S.add_(at::outer(s.qsum, btok));  // broadcast over frames
     s.A = at::softmax(S, -1);                                  // [F, K, N]
-    s.B = at::mm(s.A.view({F * K, N}), wtok).view({F, K, M});  // A Wtok
-    s.applied = at::bmm(s.B, g);                                // [F, K, D]
+    s.B = lp(s.A.view({F * K, N}), wtok).view({F, K, M});      // A Wtok
+    s.applied = lp(s.B, g);                                     // [F, K, D]
     s.ab = at::matmul(s.A, btok);                               // [F, K]
     s.R = at::matmul(s.applied, wfc.t()).add_(s.ab.unsqueeze(-1) * s.wsum).add_(bfc).add_(T);
     s.ga = at::matmul(s.wbar, g).contiguous();                  // [F, D]
     s.a = at::mm(s.ga, wfc.t()).add_(btok.mean() * s.wsum).add_(bfc);
   } else {
-    s.U = at::matmul(wtok, g).add_(btok.unsqueeze(-1));        // [F, N, D]
-    s.A = at::softmax(at::matmul(s.Q, s.U.transpose(1, 2)), -1);  // [F, K, N]
-    s.AU = at::bmm(s.A, s.U);                                   // [F, K, D]
+    s.U = lp(wtok, g).add_(btok.unsqueeze(-1));                // [F, N, D]
+    s.A = at::softmax(lp(s.Q, s.U.transpose(1, 2)), -1);       // [F, K, N]
+    s.AU = lp(s.A, s.U);                                        // [F, K, D]
     s.R = at::matmul(s.AU, wfc.t()).add_(bfc).add_(T);
     s.ubar = s.U.mean(1);                                       // [F, D]
     s.a = at::mm(s.ubar, wfc.t()).add_(bfc);
@@ -90,8 +102,8 @@ std::vector<std::vector<int64_t>> guide_kept_shapes(const std::string& order, in
 }
 
 GuideState guide_restore(const Tensor& g, const std::vector<Tensor>& p, const std::string& order, const Tensor& R,
-                         const Tensor& a, at::ArrayRef<Tensor> kept) {
-  GuideState s = guide_start(g, p, order);
+                         const Tensor& a, at::ArrayRef<Tensor> kept, at::ScalarType operands) {
+  GuideState s = guide_start(g, p, order, operands);
   s.R = R;
   s.a = a;
   if (order == "rewritten") {
@@ -103,7 +115,7 @@ GuideState guide_restore(const Tensor& g, const std::vector<Tensor>& p, const st
   } else {
     const bool has_u = kept.size() == 4;
     s.U = has_u ? kept[0]
-                : at::matmul(p[kWtok].reshape({-1, g.size(1)}), g).add_(p[kBtok].unsqueeze(-1));  // as guide_forward
+                : product(p[kWtok].reshape({-1, g.size(1)}), g, operands).add_(p[kBtok].unsqueeze(-1));  // as forward
     s.A = kept[has_u + 0];
     s.AU = kept[has_u + 1];
     s.ubar = kept[has_u + 2];
@@ -122,6 +134,7 @@ GuideGrads guide_backward(const GuideState& s, const std::vector<Tensor>& p, con
   const int64_t N = wtok.size(0);
   const Tensor& btok = p[kBtok];
   const Tensor& wfc = p[kWfc];
+  const auto lp = [&s](const Tensor& a, const Tensor& b) { return product(a, b, s.operands); };
   Tensor dT = dR.sum(0);                                   // R = T + ...
   out.bfc = dR.sum({0, 1}) + da.sum(0);
   Tensor dQ;
@@ -137,9 +150,9 @@ GuideGrads guide_backward(const GuideState& s, const std::vector<Tensor>& p, con
     Tensor dbtok = at::matmul(da, s.wsum).sum().div(N).expand({N}).contiguous();
     Tensor dwbar = at::matmul(g, dga.unsqueeze(-1)).squeeze(-1).sum(0);  // [M]
     // applied = B g
-    Tensor dB = at::bmm(d_applied, g.transpose(1, 2));     // [F, K, M]
+    Tensor dB = lp(d_applied, g.transpose(1, 2));          // [F, K, M]
     // B = A Wtok, ab = A btok
-    Tensor dA = at::mm(dB.view({F * K, M}), wtok.t()).view({F, K, N});
+    Tensor dA = lp(dB.view({F * K, M}), wtok.t()).view({F, K, N});
     dA.add_(dab.unsqueeze(-1) * btok);
     dbtok.add_((s.A * dab.unsqueeze(-1)).sum({0, 1}));
     // softmax
@@ -148,17 +161,17 @@ GuideGrads guide_backward(const GuideState& s, const std::vector<Tensor>& p, con
     // S, and wbar = mean_n Wtok): [A; dS; 1/N]^T [dB; Sg; dwbar].
     Tensor left = at::cat({s.A.view({F * K, N}), dS.view({F * K, N}), at::full({1, N}, 1.0 / N, dS.options())}, 0);
     Tensor right = at::cat({dB.view({F * K, M}), s.Sg.view({F * K, M}), dwbar.view({1, M})}, 0);
-    Tensor dWtok = at::mm(left.t(), right);
-    Tensor dSg = at::mm(dS.view({F * K, N}), wtok).view({F, K, M});
+    Tensor dWtok = lp(left.t(), right);
+    Tensor dSg = lp(dS.view({F * K, N}), wtok).view({F, K, M});
     Tensor dqsum = at::matmul(dS, btok);                   // [F, K]
     dbtok.add_((dS * s.qsum.view({1, K, 1})).sum({0, 1}));
     // Sg = Q g^T, qsum = Q 1_D
-    dQ = at::bmm(dSg, g).sum(0).add_(dqsum.sum(0).unsqueeze(-1));  // [K, D]
+    dQ = lp(dSg, g).sum(0).add_(dqsum.sum(0).unsqueeze(-1));  // [K, D]
     Tensor dg;
     if (want_g) {  // one batched product for the three terms: [dSg; B; wbar]^T [Q; d_applied; dga]
       Tensor gl = at::cat({dSg, s.B, s.wbar.view({1, 1, M}).expand({F, 1, M})}, 1);
       Tensor gr = at::cat({s.Q.unsqueeze(0).expand({F, K, D}), d_applied, dga.view({F, 1, D})}, 1);
-      dg = at::bmm(gl.transpose(1, 2), gr);
+      dg = lp(gl.transpose(1, 2), gr);
     }
     dWfc.add_(dwsum.unsqueeze(-1));                        // wsum = Wfc 1_D
     out.Wfc = dWfc;
@@ -169,15 +182,15 @@ GuideGrads guide_backward(const GuideState& s, const std::vector<Tensor>& p, con
     Tensor dAU = at::matmul(dR, wfc);                      // [F, K, D]
     Tensor dWfc = at::mm(dR.reshape({F * K, C}).t(), s.AU.reshape({F * K, D})).add_(at::mm(da.t(), s.ubar));
     Tensor dubar = at::mm(da, wfc);                        // [F, D]
-    Tensor dU = at::bmm(s.A.transpose(1, 2), dAU).add_(dubar.unsqueeze(1).div(N));  // [F, N, D]
-    Tensor dA = at::bmm(dAU, s.U.transpose(1, 2));         // [F, K, N]
+    Tensor dU = lp(s.A.transpose(1, 2), dAU).add_(dubar.unsqueeze(1).div(N));  // [F, N, D]
+    Tensor dA = lp(dAU, s.U.transpose(1, 2));              // [F, K, N]
     Tensor dS = s.A * (dA - (s.A * dA).sum(-1, true));
-    dU.add_(at::matmul(dS.transpose(1, 2), s.Q));
-    dQ = at::bmm(dS, s.U).sum(0);                          // [K, D]
+    dU.add_(lp(dS.transpose(1, 2), s.Q));
+    dQ = lp(dS, s.U).sum(0);                               // [K, D]
     // U = Wtok g + btok: sum over frames of dU_f g_f^T as one product
-    out.Wtok = at::mm(dU.permute({1, 0, 2}).reshape({N, F * D}), g.transpose(1, 2).reshape({F * D, M}));
+    out.Wtok = lp(dU.permute({1, 0, 2}).reshape({N, F * D}), g.transpose(1, 2).reshape({F * D, M}));
     out.btok = dU.sum({0, 2});
-    if (want_g) out.g = at::matmul(wtok.t(), dU);
+    if (want_g) out.g = lp(wtok.t(), dU);
     out.Wfc = dWfc;
   }
   // Q = T Wfc

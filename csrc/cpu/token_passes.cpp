@@ -922,16 +922,17 @@ FrontState<scalar_t, acc_t> run_front(const Tensor& x, const Tensor& g, const Pr
   const auto& p = pr.p;
   const bool restored = !kept.empty();
   const Tensor gacc = g.to(pr.acc).contiguous();
+  const at::ScalarType guide_operands = operand_dtype(kGuide, x.scalar_type(), pr.acc);
   if (restored) {
     auto c = [&](int i) { return kept[i].contiguous(); };
     st.guide = guide_restore(gacc, p, order, c(kKeptR), c(kKeptPooled),
-                             at::ArrayRef<Tensor>(kept).slice(kNumKeptCommon));
+                             at::ArrayRef<Tensor>(kept).slice(kNumKeptCommon), guide_operands);
     st.fv = FrameVectors{c(kKeptQa1Pre), c(kKeptQa1), c(kKeptQa2Pre), c(kKeptQa2), c(kKeptTg),
                          c(kKeptJoint),  c(kKeptHidPre), c(kKeptHid), c(kKeptCh)};
     st.colsum = c(kKeptColsum);
     timer("restore");
   } else {
-    st.guide = guide_forward(gacc, p, order);
+    st.guide = guide_forward(gacc, p, order, guide_operands);
     timer("guide");
     st.fv = frame_vectors(p, st.guide.a);
   }

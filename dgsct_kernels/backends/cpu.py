@@ -34,6 +34,8 @@ class CpuBackend(CompiledBackend):
     description = ("fused C++ forward and analytic backward (at::parallel_for over frames and token "
                    "blocks, BLAS on tiles; keeps the guide path's products and per-frame vectors, "
                    "recomputes the [F, N, C] token passes)")
+    # bf16 inputs: the guide path's products over tokens through ATen (oneDNN, the CPU's bf16 units)
+    low_precision_products = frozenset({"guide"})
 
     def unavailable_reason(self) -> str | None:
         return _UNAVAILABLE

@@ -57,6 +57,7 @@ class ReferenceBackend(Backend):
     devices = ("cpu", "cuda", "meta")
     dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     description = "SPEC.md in plain PyTorch (dozens of kernels, recomputing backward)"
+    low_precision_products = None  # eager: every product in the input dtype
 
     def forward(self, x: Tensor, g: Tensor, params: Mapping[str, Optional[Tensor]], hyper: Hyper,
                 training: bool) -> RawOutputs:

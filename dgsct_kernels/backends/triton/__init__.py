@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ...config import Hyper, dims_from_params
 from ...dispatch import Backend, Problem, register
+from ...precision import operand_dtype
 from ...measured import gpu_auto_reasons
 from ...guide_path import plan_guide_path, prompts_and_pooled_guide
 from ...reference import RawOutputs
@@ -51,6 +52,8 @@ class TritonBackend(Backend):
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     description = ("fused Triton forward passes; hand-derived backward from recomputed frame "
                    "state (CPU through TRITON_INTERPRET=1)")
+    # the guide pass keeps float32 operands (3xTF32) for now; the backward's products are float32
+    low_precision_products = frozenset({"channel", "spatial"})
 
     def unavailable_reason(self) -> Optional[str]:
         return f"triton is not importable ({_IMPORT_ERROR})" if _IMPORT_ERROR else None
@@ -189,7 +192,7 @@ def _frame_state(x, g, p, hyper, training):
     plan = _plan(frames, dims, x.dtype, batch_stats, p["ln_before.weight"] is not None,
                  p["ln_post.weight"] is not None, current_arch())
     launches = {k.name: k for k in plan.launches}
-    dot, interpret = dot_dtype(x.dtype), interpreting()
+    interpret = interpreting()
     # the small per-frame layers run in float32; the large weights stay in x's dtype
     f32 = {k: v.float() for k, v in p.items()
            if v is not None and k.startswith(("fc_affine", "temporal_gated"))}
@@ -208,13 +211,14 @@ def _frame_state(x, g, p, hyper, training):
     tg = tg.reshape(frames).contiguous()
 
     joint = run_channel_pass(launches["channel_pass"], x, prompts, p["gate_av"], p["fc_affine_video_1.weight"],
-                             p["fc_affine_video_1.bias"], qa1, dot, interpret) / tokens
+                             p["fc_affine_video_1.bias"], qa1,
+                             dot_dtype(operand_dtype("channel", x.dtype)), interpret) / tokens
     hidden = F.relu(F.linear(joint, f32["fc_affine_bottleneck.weight"], f32["fc_affine_bottleneck.bias"]))
     ch = torch.sigmoid(F.linear(hidden, f32["fc_affine_v_c_att.weight"], f32["fc_affine_v_c_att.bias"]))
     ch = ch.contiguous()
 
     s, z, zsum, zm2 = run_bottleneck_pass(launches["bottleneck_pass"], x, prompts, p["gate_av"], ch, qa2, tg,
-                                          p, hyper, dot, interpret)
+                                          p, hyper, dot_dtype(operand_dtype("spatial", x.dtype)), interpret)
 
     H = dims.hidden
     stats = [x.new_empty(0) for _ in range(4)]

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ...config import Hyper, dims_from_params
 from ...guide_path import prompts_and_pooled_guide
+from ...precision import operand_dtype
 from .attention_backward_pass import (attention_backward_launches, run_attention_masks, run_attention_weight_grad,
                                       run_channel_backward, run_prompt_backward, run_spatial_backward)
 from .common import dot_dtype, interpreting
@@ -116,7 +117,8 @@ def backward(state, grads: Sequence[Tensor], x: Tensor, g: Tensor,
     prompts, ch, qa1, qa2, tg, s = state.prompts, state.ch, state.qa1, state.qa2, state.tg, state.s
     launch = modulation_backward_launch(frames, shape, x.dtype, arch, params["ln_before.weight"] is not None)
     y, d_x1, scale_row_sums, scale_frame_sums, d_ln_weight, d_ln_bias = run_modulation_backward(
-        launch, x.contiguous(), prompts, ch, tg, s, d_z, params, hyper, dot_dtype(x.dtype), interpreting())
+        launch, x.contiguous(), prompts, ch, tg, s, d_z, params, hyper,
+        dot_dtype(operand_dtype("spatial", x.dtype)), interpreting())
     out["down_sampler.weight"] = _grouped_weight_grad(d_z, y, p["down_sampler.weight"])
     del y, d_z
     if p["ln_before.weight"] is not None:
