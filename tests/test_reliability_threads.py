@@ -7,7 +7,7 @@ gradients of x, g and the parameters taken with `torch.autograd.grad`, which wri
 shared .grad). The calls are timed to overlap (a barrier per round) and repeated, with
 the threads' inputs differing so that any shared scratch memory would mix them up.
 What is shared and checked here: the cpu backend's workspaces (per calling thread,
-csrc/cpu/token_passes.cpp `workspace`), the intra-op thread pool, the op registry, and
+csrc/cpu/fused.cpp `workspace`), the intra-op thread pool, the op registry, and
 dispatch's log-once set and thread-local `use_backend` scope.
 
 The triton backend runs under the Triton interpreter here, which patches

@@ -1,8 +1,10 @@
-// Shared declarations of the fused CPU backend (csrc/cpu/*.cpp).
+// The guide path in ATen (guide_path.cpp), shared by the cpu backend (csrc/cpu) and the CUDA
+// driver (csrc/cuda/portable), and the parameter slots as dgsct::cpu names them.
 //
 // The op receives the parameters as one list in config.OP_PARAM_NAMES order, with an
 // undefined tensor where an optional layer is absent; `Param` (param_slots.h) names the
-// positions.
+// positions. The checks and the BatchNorm / LayerNorm maths both backends share are in
+// csrc/core.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,11 +32,6 @@ using ::dgsct::low_precision;
 #include "precision_plan.def"
 #undef DGSCT_PRODUCT
 
-// Hyper-parameters in config.Hyper order.
-struct Hyper {
-  double alpha, beta, gamma, ln_before_eps, bn1_eps, bn2_eps, ln_post_eps;
-};
-
 // SPEC.md steps 1, 2 and 4 without forming P (guide_path.py's orders), in the
 // accumulation dtype, with what the analytic backward needs kept.
 struct GuideState {
@@ -53,27 +50,6 @@ struct GuideGrads {
   at::Tensor g, Wtok, btok, Wfc, bfc, tokens;  // undefined where not asked for
 };
 
-// BatchNorm as the per-channel map h = z sc + sh, plus the normalisation (mu, rs = 1/std)
-// it used (for the weight gradient); identity_affine is the map of an absent BatchNorm.
-struct BnAffine {
-  at::Tensor sc, sh, mu, rs;
-};
-
-inline BnAffine bn_affine(const at::Tensor& w, const at::Tensor& b, const at::Tensor& mean,
-                          const at::Tensor& var, double eps) {
-  BnAffine a;
-  a.mu = mean.contiguous();
-  a.rs = at::rsqrt(var + eps).contiguous();
-  a.sc = (w * a.rs).contiguous();
-  a.sh = (b - a.mu * a.sc).contiguous();
-  return a;
-}
-
-inline BnAffine identity_affine(int64_t n, const at::TensorOptions& o) {
-  return BnAffine{at::ones({n}, o), at::zeros({n}, o), at::zeros({n}, o), at::ones({n}, o)};
-}
-
-// `operands`: the guide products' operand dtype, guide_operands().
 // The operand dtype of the products the precision plan names `product`, for inputs of
 // dtype `input` computed in `acc`: the input's bf16/fp16 where the plan allows it, else acc.
 inline at::ScalarType operand_dtype(Product product, at::ScalarType input, at::ScalarType acc) {
@@ -82,6 +58,7 @@ inline at::ScalarType operand_dtype(Product product, at::ScalarType input, at::S
   return acc;
 }
 
+// `operands`: the guide products' operand dtype, operand_dtype(kGuide, ...).
 GuideState guide_forward(const at::Tensor& g, const std::vector<at::Tensor>& p, const std::string& order,
                          at::ScalarType operands);
 // The guide path's share of the state the forward keeps for the backward: rewritten

@@ -1,16 +1,18 @@
-// The CUDA backend's op logic (see driver.h): checks, frame-level ATen work between the
-// tile passes, and the analytic backward. Device-independent: ATen runs it on CUDA
-// tensors for the `cuda` backend and on CPU tensors for the host check.
+// The CUDA backend's op logic (see driver.h): frame-level ATen work between the tile
+// passes, and the analytic backward; argument checks, BatchNorm and LayerNorm are
+// csrc/core's. Device-independent: ATen runs it on CUDA tensors for the `cuda` backend and
+// on CPU tensors for the host check.
 #include "cuda/portable/driver.h"
 
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <array>
 #include <tuple>
 
+#include "core/norms.h"     // BatchNorm and LayerNorm (shared with the cpu backend)
+#include "core/op_io.h"     // the op's argument checks and results (shared with the cpu backend)
 #include "cpu/dgsct_cpu.h"  // the ATen guide path (shared with the cpu backend)
-#include "param_slots.h"     // Param slots and kParamNames (from dgsct_kernels/param_slots.def)
+#include "param_slots.h"    // Param slots (from dgsct_kernels/param_slots.def)
 
 namespace dgsct::cuda {
 
@@ -20,116 +22,11 @@ namespace P = dgsct::cpu;
 
 namespace {
 
-struct Prepared {
-  std::vector<Tensor> p;  // float32, contiguous, on x's device; undefined where absent
-  double alpha, beta, gamma, eps_lnb, eps_bn1, eps_bn2, eps_lnp;
-  int64_t F, N, C, M, D, K, H, G, Ch;
-  bool has_lnb, has_bn, has_lnp, has_gate;
-};
+using core::BnLayer;
+using core::Prepared;
 
-bool is_running(int i) {
-  return i == P::kBn1Rm || i == P::kBn1Rv || i == P::kBn2Rm || i == P::kBn2Rv;
-}
-
-Prepared prepare(const char* who, const Tensor& x, const Tensor& g, const c10::List<std::optional<Tensor>>& params,
-                 at::ArrayRef<double> hyper, bool training) {
-  TORCH_CHECK(x.defined() && x.dim() == 3, "dgsct_kernels ", who, ": x must be [F, N, C], got shape ",
-              x.defined() ? x.sizes() : at::IntArrayRef{});
-  TORCH_CHECK(g.defined() && g.dim() == 3, "dgsct_kernels ", who, ": g must be [F, M, D], got shape ",
-              g.defined() ? g.sizes() : at::IntArrayRef{});
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "dgsct_kernels ", who,
-              ": x has dtype ", dt, "; expected float32, bfloat16 or float16");
-  TORCH_CHECK(g.scalar_type() == dt, "dgsct_kernels ", who, ": g has dtype ", g.scalar_type(),
-              ", expected x's dtype ", dt);
-  TORCH_CHECK(g.device() == x.device(), "dgsct_kernels ", who, ": g is on ", g.device(), ", expected x's device ",
-              x.device());
-  TORCH_CHECK(g.size(0) == x.size(0), "dgsct_kernels ", who, ": x has F=", x.size(0), " frames (shape ", x.sizes(),
-              ") but g has F=", g.size(0), " (shape ", g.sizes(), ")");
-  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0 && x.size(2) > 1 && g.size(1) > 0 && g.size(2) > 0,
-              "dgsct_kernels ", who, ": empty or degenerate inputs: x ", x.sizes(), ", g ", g.sizes());
-  TORCH_CHECK(static_cast<int64_t>(params.size()) == P::kNumParams, "dgsct_kernels ", who, ": params has ",
-              params.size(), " slots, expected ", static_cast<int>(P::kNumParams), " (config.OP_PARAM_NAMES)");
-  TORCH_CHECK(hyper.size() == 7, "dgsct_kernels ", who, ": hyper has ", hyper.size(),
-              " values, expected 7 (config.Hyper: alpha, beta, gamma, ln_before_eps, bn1_eps, bn2_eps, ln_post_eps)");
-  Prepared pr;
-  pr.p.resize(P::kNumParams);
-  for (int i = 0; i < P::kNumParams; ++i) {
-    std::optional<Tensor> t = params.get(i);
-    if (!t.has_value() || !t->defined()) continue;
-    TORCH_CHECK(t->device() == x.device(), "dgsct_kernels ", who, ": params[", kParamNames[i], "] is on ", t->device(),
-                ", expected x's device ", x.device());
-    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "dgsct_kernels ", who, ": params[", kParamNames[i],
-                "] has dtype ", t->scalar_type(), ", expected a floating dtype");
-    pr.p[i] = t->to(at::kFloat).contiguous();
-  }
-  for (int i : {int(P::kWtok), int(P::kBtok), int(P::kWfc), int(P::kBfc), int(P::kTokens), int(P::kGateAv),
-                int(P::kWa1), int(P::kBa1), int(P::kWv1), int(P::kBv1), int(P::kWb), int(P::kBb), int(P::kWc),
-                int(P::kBc), int(P::kWv2), int(P::kBv2), int(P::kWa2), int(P::kBa2), int(P::kWs), int(P::kBs),
-                int(P::kWt), int(P::kBt), int(P::kWd), int(P::kWu)})
-    TORCH_CHECK(pr.p[i].defined(), "dgsct_kernels ", who, ": required parameter ", kParamNames[i], " is missing");
-  pr.F = x.size(0);
-  pr.N = x.size(1);
-  pr.C = x.size(2);
-  pr.M = g.size(1);
-  pr.D = g.size(2);
-  TORCH_CHECK(pr.p[P::kTokens].dim() == 2 && pr.p[P::kWd].dim() == 4, "dgsct_kernels ", who,
-              ": my_tokens must be [K, C] and down_sampler.weight [H, C/G, 1, 1], got ", pr.p[P::kTokens].sizes(),
-              " and ", pr.p[P::kWd].sizes());
-  pr.K = pr.p[P::kTokens].size(0);
-  pr.H = pr.p[P::kWd].size(0);
-  const int64_t Cg = pr.p[P::kWd].size(1);
-  TORCH_CHECK(Cg > 0 && pr.C % Cg == 0, "dgsct_kernels ", who, ": down_sampler.weight has shape ",
-              pr.p[P::kWd].sizes(), "; its second size C/G must divide C=", pr.C);
-  pr.G = pr.C / Cg;
-  TORCH_CHECK(pr.H > 0 && pr.H % pr.G == 0, "dgsct_kernels ", who, ": down_sampler.weight has shape ",
-              pr.p[P::kWd].sizes(), "; H=", pr.H, " must be a positive multiple of G=", pr.G);
-  pr.Ch = pr.C / 2;
-  const int64_t N = pr.N, C = pr.C, M = pr.M, D = pr.D, K = pr.K, H = pr.H, G = pr.G, Ch = pr.Ch;
-  const std::array<std::vector<int64_t>, P::kNumParams> shapes = {{
-      {N, M, 1, 1}, {N}, {C, D}, {C}, {K, C}, {1}, {C, C}, {C}, {C, C}, {C}, {Ch, C}, {Ch}, {C, Ch}, {C},
-      {Ch, C}, {Ch}, {Ch, C}, {Ch}, {1, Ch}, {1}, {1, C}, {1}, {C}, {C}, {H, C / G, 1, 1}, {H}, {H}, {H}, {H},
-      {C, H / G, 1, 1}, {C}, {C}, {C}, {C}, {C}, {C}, {1}}};
-  for (int i = 0; i < P::kNumParams; ++i) {
-    const Tensor& t = pr.p[i];
-    if (!t.defined()) continue;
-    if (training && is_running(i) && t.numel() == 0) continue;  // not read in training (ops.py drops them)
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(shapes[i]), "dgsct_kernels ", who, ": params[", kParamNames[i],
-                "] has shape ", t.sizes(), ", expected ", at::IntArrayRef(shapes[i]), " for x ", x.sizes(), " and g ",
-                g.sizes());
-  }
-  pr.has_lnb = pr.p[P::kLnbW].defined();
-  pr.has_bn = pr.p[P::kBn1W].defined();
-  pr.has_lnp = pr.p[P::kLnpW].defined();
-  pr.has_gate = pr.p[P::kGate].defined();
-  auto group = [&](std::initializer_list<int> ids, const char* layer) {
-    int present = 0, total = 0;
-    for (int i : ids) {
-      present += pr.p[i].defined();
-      ++total;
-    }
-    TORCH_CHECK(present == 0 || present == total, "dgsct_kernels ", who, ": optional layer ", layer,
-                " is partly given (", present, " of ", total, " tensors)");
-  };
-  group({P::kLnbW, P::kLnbB}, "ln_before");
-  group({P::kBn1W, P::kBn1B, P::kBn1Rm, P::kBn1Rv, P::kBn2W, P::kBn2B, P::kBn2Rm, P::kBn2Rv}, "bn");
-  group({P::kLnpW, P::kLnpB}, "ln_post");
-  pr.alpha = hyper[0];
-  pr.beta = hyper[1];
-  pr.gamma = hyper[2];
-  pr.eps_lnb = hyper[3];
-  pr.eps_bn1 = hyper[4];
-  pr.eps_bn2 = hyper[5];
-  pr.eps_lnp = hyper[6];
-  return pr;
-}
-
-std::pair<Tensor, Tensor> stats_from_sums(const Tensor& sums, int64_t width, int64_t count) {
-  Tensor total = sums.sum(0);
-  Tensor mean = total.slice(0, 0, width) / static_cast<double>(count);
-  Tensor var = (total.slice(0, width, 2 * width) / static_cast<double>(count) - mean * mean).clamp_min(0.0);
-  return {mean.to(at::kFloat), var.to(at::kFloat)};
-}
+// float32, bfloat16 or float16 on any device (ops_cuda.cpp checks for CUDA tensors first)
+core::BackendRules rules(const char* who) { return {who, /*cpu_only=*/false, /*allow_float64=*/false}; }
 
 // Grouped 1x1 convolution on [T, Cin] rows with weight [Cout, Cin/G, 1, 1].
 Tensor grouped(const Tensor& in, const Tensor& w, int64_t G) {
@@ -152,28 +49,6 @@ Tensor grouped_weight_grad(const Tensor& dout, const Tensor& in, const Tensor& w
   return at::bmm(d, i).reshape(w.sizes());
 }
 
-struct LayerNormState {
-  Tensor out, xhat, rstd;
-};
-
-LayerNormState layer_norm_rows(const Tensor& v, const Tensor& w, const Tensor& b, double eps) {
-  LayerNormState s;
-  Tensor mean = v.mean(-1, true);
-  Tensor centered = v - mean;
-  s.rstd = at::rsqrt(centered.pow(2).mean(-1, true) + eps);
-  s.xhat = centered * s.rstd;
-  s.out = s.xhat * w + b;
-  return s;
-}
-
-// LayerNorm backward: dx = rstd (dxh - mean(dxh) - xhat mean(dxh xhat)), dxh = dy w.
-Tensor layer_norm_rows_backward(const Tensor& dy, const LayerNormState& s, const Tensor& w, Tensor& dw, Tensor& db) {
-  Tensor dxh = dy * w;
-  dw = (dy * s.xhat).sum(0);
-  db = dy.sum(0);
-  return s.rstd * (dxh - dxh.mean(-1, true) - s.xhat * (dxh * s.xhat).mean(-1, true));
-}
-
 }  // namespace
 
 int tile_tokens(const TileArgs& a, int64_t budget_floats) {
@@ -193,12 +68,12 @@ int tile_tokens(const TileArgs& a, int64_t budget_floats) {
 std::vector<Tensor> forward_design(const Tensor& x_in, const Tensor& g, const c10::List<std::optional<Tensor>>& params,
                                    at::ArrayRef<double> hyper, bool training, const std::string& order,
                                    Runner& runner) {
-  Prepared pr = prepare(runner.name(), x_in, g, params, hyper, training);
+  const Prepared pr = core::prepare(rules(runner.name()), x_in, g, params, hyper, training);
   const Tensor x = x_in.contiguous();
   const auto& p = pr.p;
   const auto fo = x.options().dtype(at::kFloat);
   const int64_t F = pr.F, N = pr.N, C = pr.C, H = pr.H, G = pr.G, Ch = pr.Ch;
-  const bool batch_stats = training && pr.has_bn;
+  const bool batch_stats = pr.batch_stats;
 
   // guide path (ATen; large products in cuBLAS), per-frame vectors
   P::GuideState guide = P::guide_forward(g.to(at::kFloat).contiguous(), p, order, at::kFloat);
@@ -238,17 +113,17 @@ std::vector<Tensor> forward_design(const Tensor& x_in, const Tensor& g, const c1
   t.w2q = w2q.data_ptr<float>();
   t.bs = p[P::kBs].data_ptr<float>();
   t.tg = tg.data_ptr<float>();
-  t.alpha = static_cast<float>(pr.alpha);
-  t.beta = static_cast<float>(pr.beta);
-  t.gamma = static_cast<float>(pr.gamma);
+  t.alpha = static_cast<float>(pr.hy.alpha);
+  t.beta = static_cast<float>(pr.hy.beta);
+  t.gamma = static_cast<float>(pr.hy.gamma);
   t.lnbw = pr.has_lnb ? p[P::kLnbW].data_ptr<float>() : nullptr;
   t.lnbb = pr.has_lnb ? p[P::kLnbB].data_ptr<float>() : nullptr;
-  t.eps_b = static_cast<float>(pr.eps_lnb);
+  t.eps_b = static_cast<float>(pr.hy.ln_before_eps);
   t.WdT = WdT.data_ptr<float>();
   t.WuT = WuT.data_ptr<float>();
   t.lnpw = pr.has_lnp ? p[P::kLnpW].data_ptr<float>() : nullptr;
   t.lnpb = pr.has_lnp ? p[P::kLnpB].data_ptr<float>() : nullptr;
-  t.eps_p = static_cast<float>(pr.eps_lnp);
+  t.eps_p = static_cast<float>(pr.hy.ln_post_eps);
   t.gate = pr.has_gate ? p[P::kGate].data_ptr<float>() : nullptr;
 
   // pass 1, then the channel attention per frame
@@ -274,23 +149,20 @@ std::vector<Tensor> forward_design(const Tensor& x_in, const Tensor& g, const c1
   // BatchNorm as affine maps; pass 3 for bn2's batch statistics
   const int64_t count = F * N;
   Tensor mean1, var1, mean2, var2;
-  P::BnAffine a1, a2;
+  core::BnAffine a1, a2;
   if (batch_stats) {
-    std::tie(mean1, var1) = stats_from_sums(zsums, H, count);
-    a1 = P::bn_affine(p[P::kBn1W], p[P::kBn1B], mean1, var1, pr.eps_bn1);
+    std::tie(mean1, var1) = core::batch_mean_var(zsums, H, count, pr.acc);
+    a1 = core::bn_layer_affine(pr, BnLayer::kBn1, mean1, var1);
     t.sc1 = a1.sc.data_ptr<float>();
     t.sh1 = a1.sh.data_ptr<float>();
     Tensor usums = at::empty({items, 2 * C}, fo.dtype(at::kDouble));
     t.usums = usums.data_ptr<double>();
     runner.run(PassKind::kMoments, t, x.scalar_type());
-    std::tie(mean2, var2) = stats_from_sums(usums, C, count);
-    a2 = P::bn_affine(p[P::kBn2W], p[P::kBn2B], mean2, var2, pr.eps_bn2);
-  } else if (pr.has_bn) {
-    a1 = P::bn_affine(p[P::kBn1W], p[P::kBn1B], p[P::kBn1Rm], p[P::kBn1Rv], pr.eps_bn1);
-    a2 = P::bn_affine(p[P::kBn2W], p[P::kBn2B], p[P::kBn2Rm], p[P::kBn2Rv], pr.eps_bn2);
-  } else {
-    a1 = P::identity_affine(H, fo);
-    a2 = P::identity_affine(C, fo);
+    std::tie(mean2, var2) = core::batch_mean_var(usums, C, count, pr.acc);
+    a2 = core::bn_layer_affine(pr, BnLayer::kBn2, mean2, var2);
+  } else {  // running statistics, or the identity without BatchNorm
+    a1 = core::bn_layer_affine(pr, BnLayer::kBn1);
+    a2 = core::bn_layer_affine(pr, BnLayer::kBn2);
   }
   t.sc1 = a1.sc.data_ptr<float>();
   t.sh1 = a1.sh.data_ptr<float>();
@@ -302,14 +174,7 @@ std::vector<Tensor> forward_design(const Tensor& x_in, const Tensor& g, const c1
   t.o = o.data_ptr();
   runner.run(PassKind::kOutput, t, x.scalar_type());
 
-  Tensor empty = at::empty({0}, x.options());
-  std::vector<Tensor> out{o, spmap.to(x.scalar_type()), tg.to(x.scalar_type())};
-  if (batch_stats) {
-    out.insert(out.end(), {mean1, var1, mean2, var2});
-  } else {
-    out.insert(out.end(), {empty, empty.clone(), empty.clone(), empty.clone()});
-  }
-  return out;
+  return core::forward_outputs(pr, x, o, spmap, tg, mean1, var1, mean2, var2);
 }
 
 std::vector<Tensor> backward_design(const Tensor& grad_residual, const Tensor& grad_spatial_map,
@@ -317,24 +182,14 @@ std::vector<Tensor> backward_design(const Tensor& grad_residual, const Tensor& g
                                     const c10::List<std::optional<Tensor>>& params, at::ArrayRef<double> hyper,
                                     bool training, const std::string& order, at::IntArrayRef wanted_in,
                                     const char* who) {
-  Prepared pr = prepare(who, x_in, g, params, hyper, training);
+  const Prepared pr = core::prepare(rules(who), x_in, g, params, hyper, training);
   const auto& p = pr.p;
-  const int64_t F = pr.F, N = pr.N, C = pr.C, H = pr.H, G = pr.G, Ch = pr.Ch, T = F * N;
-  TORCH_CHECK(static_cast<int64_t>(wanted_in.size()) == 2 + P::kNumParams, "dgsct_kernels ", who, ": wanted has ",
-              wanted_in.size(), " flags, expected ", 2 + P::kNumParams, " (x, g, then config.OP_PARAM_NAMES)");
-  TORCH_CHECK(grad_residual.sizes() == x_in.sizes(), "dgsct_kernels ", who, ": grad_residual has shape ",
-              grad_residual.sizes(), ", expected x's shape ", x_in.sizes());
-  TORCH_CHECK(grad_spatial_map.numel() == F * N, "dgsct_kernels ", who, ": grad_spatial_map has shape ",
-              grad_spatial_map.sizes(), ", expected [F, N] = [", F, ", ", N, "]");
-  TORCH_CHECK(grad_temporal_gate.numel() == F, "dgsct_kernels ", who, ": grad_temporal_gate has shape ",
-              grad_temporal_gate.sizes(), ", expected [F] = [", F, "]");
-  for (const Tensor* t : {&grad_residual, &grad_spatial_map, &grad_temporal_gate})
-    TORCH_CHECK(t->device() == x_in.device(), "dgsct_kernels ", who, ": a gradient is on ", t->device(),
-                ", expected x's device ", x_in.device());
+  const int64_t F = pr.F, N = pr.N, C = pr.C, G = pr.G, Ch = pr.Ch, T = F * N;
+  core::check_backward_args(pr, x_in, grad_residual, grad_spatial_map, grad_temporal_gate, wanted_in);
   auto want = [&](int i) { return wanted_in[2 + i] != 0; };
   const bool want_x = wanted_in[0] != 0, want_g = wanted_in[1] != 0;
-  const bool batch_stats = training && pr.has_bn;
-  const double alpha = pr.alpha, beta = pr.beta, gamma = pr.gamma;
+  const bool batch_stats = pr.batch_stats;
+  const double alpha = pr.hy.alpha, beta = pr.hy.beta, gamma = pr.hy.gamma;
 
   // ---- recompute the forward in float32 (transient [F, N, *] tensors of the backward)
   P::GuideState guide = P::guide_forward(g.to(at::kFloat).contiguous(), p, order, at::kFloat);
@@ -368,36 +223,25 @@ std::vector<Tensor> backward_design(const Tensor& grad_residual, const Tensor& g
   const Tensor base = beta * sig + gamma * tg.unsqueeze(1) + (1.0 - alpha);  // [F, N]
   const Tensor scale = alpha * ch.unsqueeze(1) + base.unsqueeze(-1);        // [F, N, C]
   const Tensor xm = (x1 * scale).view({T, C});
-  LayerNormState lnb;
+  core::LayerNormState lnb;
   Tensor y = xm;
   if (pr.has_lnb) {
-    lnb = layer_norm_rows(xm, p[P::kLnbW], p[P::kLnbB], pr.eps_lnb);
+    lnb = core::layer_norm_rows(xm, p[P::kLnbW], p[P::kLnbB], pr.hy.ln_before_eps);
     y = lnb.out;
   }
   const Tensor z = grouped(y, p[P::kWd], G);  // [T, H]
-  P::BnAffine a1, a2;
-  if (batch_stats) {
-    a1 = P::bn_affine(p[P::kBn1W], p[P::kBn1B], z.mean(0), z.var(0, false), pr.eps_bn1);
-  } else if (pr.has_bn) {
-    a1 = P::bn_affine(p[P::kBn1W], p[P::kBn1B], p[P::kBn1Rm], p[P::kBn1Rv], pr.eps_bn1);
-  } else {
-    a1 = P::identity_affine(H, z.options());
-  }
+  const core::BnAffine a1 = batch_stats ? core::bn_layer_affine(pr, BnLayer::kBn1, z.mean(0), z.var(0, false))
+                                        : core::bn_layer_affine(pr, BnLayer::kBn1);
   const Tensor zb = z * a1.sc + a1.sh;
   const Tensor h = at::relu(zb);
   const Tensor u = grouped(h, p[P::kWu], G);  // [T, C]
-  if (batch_stats) {
-    a2 = P::bn_affine(p[P::kBn2W], p[P::kBn2B], u.mean(0), u.var(0, false), pr.eps_bn2);
-  } else if (pr.has_bn) {
-    a2 = P::bn_affine(p[P::kBn2W], p[P::kBn2B], p[P::kBn2Rm], p[P::kBn2Rv], pr.eps_bn2);
-  } else {
-    a2 = P::identity_affine(C, u.options());
-  }
+  const core::BnAffine a2 = batch_stats ? core::bn_layer_affine(pr, BnLayer::kBn2, u.mean(0), u.var(0, false))
+                                        : core::bn_layer_affine(pr, BnLayer::kBn2);
   const Tensor ub = u * a2.sc + a2.sh;
-  LayerNormState lnp;
+  core::LayerNormState lnp;
   Tensor q = ub;
   if (pr.has_lnp) {
-    lnp = layer_norm_rows(ub, p[P::kLnpW], p[P::kLnpB], pr.eps_lnp);
+    lnp = core::layer_norm_rows(ub, p[P::kLnpW], p[P::kLnpB], pr.hy.ln_post_eps);
     q = lnp.out;
   }
 
@@ -410,7 +254,7 @@ std::vector<Tensor> backward_design(const Tensor& grad_residual, const Tensor& g
     dq = dO * p[P::kGate];
   }
   Tensor dub = dq;
-  if (pr.has_lnp) dub = layer_norm_rows_backward(dq, lnp, p[P::kLnpW], grads[P::kLnpW], grads[P::kLnpB]);
+  if (pr.has_lnp) dub = core::layer_norm_rows_backward(dq, lnp, p[P::kLnpW], grads[P::kLnpW], grads[P::kLnpB]);
   // bn2
   const Tensor uhat = (u - a2.mu) * a2.rs;
   const Tensor Sdub = dub.sum(0), Sdubu = (dub * uhat).sum(0);
@@ -431,23 +275,10 @@ std::vector<Tensor> backward_design(const Tensor& grad_residual, const Tensor& g
   } else {
     dz = dzb * a1.sc;
   }
-  if (pr.has_bn) {
-    grads[P::kBn1W] = Sdzbz;
-    grads[P::kBn1B] = Sdzb;
-    grads[P::kBn2W] = Sdubu;
-    grads[P::kBn2B] = Sdub;
-    if (batch_stats) {  // the running buffers are not read in training
-      for (int i : {int(P::kBn1Rm), int(P::kBn1Rv), int(P::kBn2Rm), int(P::kBn2Rv)}) grads[i] = at::zeros_like(p[i]);
-    } else {
-      grads[P::kBn1Rm] = -a1.sc * Sdzb;
-      grads[P::kBn1Rv] = -0.5 * a1.sc * a1.rs * Sdzbz;
-      grads[P::kBn2Rm] = -a2.sc * Sdub;
-      grads[P::kBn2Rv] = -0.5 * a2.sc * a2.rs * Sdubu;
-    }
-  }
+  core::bn_param_grads(pr, a1, a2, Sdzb, Sdzbz, Sdub, Sdubu, grads);
   if (want(P::kWd)) grads[P::kWd] = grouped_weight_grad(dz, y, p[P::kWd], G);
   Tensor dxm = grouped_input_grad(dz, p[P::kWd], G);  // d(y)
-  if (pr.has_lnb) dxm = layer_norm_rows_backward(dxm, lnb, p[P::kLnbW], grads[P::kLnbW], grads[P::kLnbB]);
+  if (pr.has_lnb) dxm = core::layer_norm_rows_backward(dxm, lnb, p[P::kLnbW], grads[P::kLnbW], grads[P::kLnbB]);
   dxm = dxm.view({F, N, C});
   // modulation
   Tensor dx1 = dxm * scale;
@@ -513,20 +344,7 @@ std::vector<Tensor> backward_design(const Tensor& grad_residual, const Tensor& g
     grads[P::kTokens] = gg.tokens;
   }
 
-  std::vector<Tensor> out;
-  out.reserve(2 + P::kNumParams);
-  Tensor empty = at::empty({0}, x_in.options());
-  out.push_back(want_x ? dx.to(x_in.scalar_type()).contiguous() : empty);
-  out.push_back(want_g && gg.g.defined() ? gg.g.to(x_in.scalar_type()).contiguous() : empty.clone());
-  for (int i = 0; i < P::kNumParams; ++i) {
-    if (!want(i) || !p[i].defined()) {
-      out.push_back(empty.clone());
-      continue;
-    }
-    TORCH_CHECK(grads[i].defined(), "dgsct_kernels ", who, ": internal error, no gradient for ", kParamNames[i]);
-    out.push_back(grads[i].reshape(p[i].sizes()).to(x_in.scalar_type()).contiguous());
-  }
-  return out;
+  return core::backward_outputs(pr, x_in, wanted_in, dx, gg.g, grads);
 }
 
 }  // namespace dgsct::cuda

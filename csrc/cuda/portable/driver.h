@@ -1,8 +1,9 @@
-// The CUDA backend's op logic in ATen, independent of the device: argument checks, the
-// guide path and per-frame vectors, the order of the tile passes (run by a Runner: CUDA
-// kernels in ops_cuda.cpp, the same tile functions on the CPU in host_check.cpp), and
-// the analytic backward, which recomputes from x, g and the parameters with ATen ops
-// (cuBLAS products on CUDA tensors). Compiled into every build, so it is tested on CPUs.
+// The CUDA backend's op logic in ATen, independent of the device: the guide path and
+// per-frame vectors, the order of the tile passes (run by a Runner: CUDA kernels in
+// ops_cuda.cpp, the same tile functions on the CPU in host_check.cpp), and the analytic
+// backward, which recomputes from x, g and the parameters with ATen ops (cuBLAS products
+// on CUDA tensors); argument checks, BatchNorm and LayerNorm come from csrc/core, shared
+// with the cpu backend. Compiled into every build, so it is tested on CPUs.
 #pragma once
 
 #include <ATen/ATen.h>
