@@ -5,6 +5,7 @@
 #include <string>
 
 #include "param_slots.h"
+#include "cpu/dgsct_cpu.h"
 #include "precision_plan.h"
 
 namespace {
@@ -46,6 +47,16 @@ pybind11::dict precision_plan() {
   return plan;
 }
 
+// The plan's products the cpu backend runs with bf16/fp16 operands (cpu/dgsct_cpu.h).
+pybind11::list cpu_low_precision_products() {
+  pybind11::list names;
+  for (int i = 0; i < dgsct::kNumProducts; ++i) {
+    const auto product = static_cast<dgsct::Product>(i);
+    if (dgsct::cpu::cpu_runs_low(product) && *dgsct::kLowDtypes[i] != '\0') names.append(dgsct::kProductNames[i]);
+  }
+  return names;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -55,4 +66,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the op's parameter slots as the C++ side sees them (dgsct_kernels/param_slots.def)");
   m.def("precision_plan", &precision_plan,
         "which products may take bf16/fp16 operands, as the C++ side sees it (precision_plan.def)");
+  m.def("cpu_low_precision_products", &cpu_low_precision_products,
+        "the plan's products the cpu backend runs with bf16/fp16 operands");
 }

@@ -46,8 +46,10 @@ def test_every_backend_runs_low_only_what_the_plan_allows():
 
 
 @pytest.mark.skipif(_extension._C is None, reason="the compiled extension is not built")
-def test_cpp_sees_the_same_plan():
+def test_cpp_sees_the_same_plan_and_the_cpu_backend_states_what_its_cpp_runs():
     assert _extension._C.precision_plan() == {name: list(dtypes) for name, dtypes in PLAN.items()}
+    cpu = next(b for b in dispatch.registered_backends() if b.name == "cpu")
+    assert set(_extension._C.cpu_low_precision_products()) == cpu.low_precision_products
 
 
 def test_def_file_is_the_one_declaration_and_is_shipped():

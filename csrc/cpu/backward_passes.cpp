@@ -214,7 +214,7 @@ void front1_pass(const Net<scalar_t, acc_t>& n, const Tensor& s, const Tensor& s
       }
       acc.dbs.data_ptr<acc_t>()[it] = bsum;
       // dW2 is one batched product over all tokens after this pass (V2 holds dqv2)
-      gemm<acc_t>(false, false, rows, C, Ch, 1, dv2, Ch, n.W2, C, 0, y.data(), C);  // dxc
+      n.weight_product(false, rows, C, Ch, dv2, n.W2, n.W2low, 0, y.data());  // dxc
       acc_t* dchB = acc.dchB.data_ptr<acc_t>() + it * C;
       for (int64_t r = 0; r < rows; ++r)
         DGSCT_SIMD
@@ -253,7 +253,7 @@ void front2_pass(const Net<scalar_t, acc_t>& n, const Tensor& gv, Tensor& dx1, s
           db[c] += d;
         }
       acc_t* d1 = dx1p + g0 * C;
-      gemm<acc_t>(false, false, rows, C, C, 1, v, C, n.W1, C, 1, d1, C);
+      n.weight_product(false, rows, C, C, v, n.W1, n.W1low, 1, d1);
       // prompt attention: x1 = x + gav P R, P = softmax(x R^T)
       const acc_t* Rf = n.R + f * K * C;
       gemm<acc_t>(false, false, rows, C, K, 1, P, K, Rf, C, 0, PR.data(), C);

@@ -50,12 +50,27 @@ struct GuideGrads {
   at::Tensor g, Wtok, btok, Wfc, bfc, tokens;  // undefined where not asked for
 };
 
+// Which of the plan's low-precision products this backend runs so (backends/cpu.py states
+// the same set). Not spatial: ATen's bf16 product also rounds its result to bf16, and with
+// that rounding of the pre-relu qv2 the W_video_2 gradient's error reached 0.33 in the
+// parity test against a bound of 0.10 (3x eager bf16's); guide and channel stay in bounds.
+inline bool cpu_runs_low(Product product) { return product != kSpatial; }
+
 // The operand dtype of the products the precision plan names `product`, for inputs of
-// dtype `input` computed in `acc`: the input's bf16/fp16 where the plan allows it, else acc.
+// dtype `input` computed in `acc`: the input's bf16/fp16 where the plan allows it and the
+// cpu backend runs it so, else acc.
 inline at::ScalarType operand_dtype(Product product, at::ScalarType input, at::ScalarType acc) {
+  if (!cpu_runs_low(product)) return acc;
   if (input == at::kBFloat16) return low_precision(product, "bf16") ? input : acc;
   if (input == at::kHalf) return low_precision(product, "fp16") ? input : acc;
   return acc;
+}
+
+// a @ b with `operands` as the operand dtype (bf16/fp16 through ATen: oneDNN on the CPU's
+// bf16 units, result rounded to it), returned in a's dtype.
+inline at::Tensor matmul_in(const at::Tensor& a, const at::Tensor& b, at::ScalarType operands) {
+  if (operands == a.scalar_type()) return at::matmul(a, b);
+  return at::matmul(a.to(operands), b.to(operands)).to(a.scalar_type());
 }
 
 // `operands`: the guide products' operand dtype, operand_dtype(kGuide, ...).

@@ -25,7 +25,7 @@ Tensor channel_pass(const Net<scalar_t, acc_t>& n) {
       const int64_t f = n.frame(it), rows = n.rows(it);
       const acc_t* xt = n.load_x(it, xb.data());
       n.prompt(xt, f, rows, P.data(), PR.data(), x1.data());
-      gemm<acc_t>(false, true, rows, C, C, 1, x1.data(), C, n.W1, C, 0, v.data(), C);
+      n.weight_product(true, rows, C, C, x1.data(), n.W1, n.W1low, 0, v.data());
       acc_t* out = pp + it * C;
       if (!n.ch)  // else the channel attention is known (the kept state)
         for (int64_t r = 0; r < rows; ++r)
@@ -68,7 +68,7 @@ void bottleneck_pass(const Net<scalar_t, acc_t>& n, Tensor& s, Tensor& z, Tensor
       for (int64_t r = 0; r < rows; ++r)
         DGSCT_SIMD
         for (int64_t c = 0; c < C; ++c) xc[r * C + c] = x1[r * C + c] * (acc_t(1) + chf[c]);
-      gemm<acc_t>(false, true, rows, Ch, C, 1, xc.data(), C, n.W2, C, 0, v, Ch);
+      n.weight_product(true, rows, Ch, C, xc.data(), n.W2, n.W2low, 0, v);
       for (int64_t r = 0; r < rows; ++r)
         DGSCT_SIMD
         for (int64_t j = 0; j < Ch; ++j) v[r * Ch + j] += n.b2[j];  // pre-relu qv2

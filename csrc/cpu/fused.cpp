@@ -96,6 +96,14 @@ Net<scalar_t, acc_t> make_net(const Tensor& x, const Prepared& pr, const Tensor&
   n.W1 = p[kWv1].data_ptr<acc_t>();
   n.b1 = p[kBv1].data_ptr<acc_t>();
   n.W2 = p[kWv2].data_ptr<acc_t>();
+  if (operand_dtype(kChannel, x.scalar_type(), pr.acc) != pr.acc) {
+    n.low_weights[0] = p[kWv1].to(x.scalar_type()).contiguous();
+    n.W1low = n.low_weights[0].template data_ptr<scalar_t>();
+  }
+  if (operand_dtype(kSpatial, x.scalar_type(), pr.acc) != pr.acc) {
+    n.low_weights[1] = p[kWv2].to(x.scalar_type()).contiguous();
+    n.W2low = n.low_weights[1].template data_ptr<scalar_t>();
+  }
   n.b2 = p[kBv2].data_ptr<acc_t>();
   n.ws = p[kWs].data_ptr<acc_t>();
   n.bs = p[kBs].item<acc_t>();
@@ -371,14 +379,16 @@ std::vector<Tensor> backward_impl(const Tensor& dO_in, const Tensor& dsp_in, con
   grads[kGateAv] = dgav.sum().view({1});
   grads[kWa1] = at::mm(dqa1_pre.t(), a);
   grads[kBa1] = dqa1_pre.sum(0);
-  if (want(kWv1)) grads[kWv1] = at::mm(DV1.view({F * N, C}).t(), st.X1.view({F * N, C}));
+  const at::ScalarType channel_operands = operand_dtype(kChannel, x.scalar_type(), pr.acc);
+  const at::ScalarType spatial_operands = operand_dtype(kSpatial, x.scalar_type(), pr.acc);
+  if (want(kWv1)) grads[kWv1] = matmul_in(DV1.view({F * N, C}).t(), st.X1.view({F * N, C}), channel_operands);
   grads[kBv1] = db1.sum(0);
   grads[kWb] = at::mm(dhid_pre.t(), fv.joint);
   grads[kBb] = dhid_pre.sum(0);
   grads[kWc] = at::mm(dcpre.t(), fv.hid);
   grads[kBc] = dcpre.sum(0);
   if (want(kWv2))  // sum over frames of (dqv2_f^T x1_f) (1 + ch_f): xc never stored
-    grads[kWv2] = (at::bmm(st.V2.transpose(1, 2), st.X1) * (fv.ch + 1).unsqueeze(1)).sum(0);
+    grads[kWv2] = (matmul_in(st.V2.transpose(1, 2), st.X1, spatial_operands) * (fv.ch + 1).unsqueeze(1)).sum(0);
   grads[kBv2] = fa.db2.sum(0);
   grads[kWa2] = at::mm(dqa2_pre.t(), a);
   grads[kBa2] = dqa2_pre.sum(0);

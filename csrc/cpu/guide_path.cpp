@@ -24,13 +24,9 @@ void check_order(const std::string& order) {
               "': expected 'rewritten' or 'tokens-first'");
 }
 
-// A product over tokens (N or M) in the guide's operand dtype (the precision plan's
-// `guide`: bf16/fp16 for such inputs, through ATen to oneDNN's bf16 units), result in the
-// accumulation dtype. Products of per-frame vectors stay in the accumulation dtype.
-Tensor product(const Tensor& a, const Tensor& b, at::ScalarType operands) {
-  if (operands == a.scalar_type()) return at::matmul(a, b);
-  return at::matmul(a.to(operands), b.to(operands)).to(a.scalar_type());
-}
+// The products over tokens (N or M) take the guide's operand dtype (matmul_in); products
+// of per-frame vectors stay in the accumulation dtype.
+Tensor product(const Tensor& a, const Tensor& b, at::ScalarType operands) { return matmul_in(a, b, operands); }
 
 // What both orders' backward read besides the kept tensors: Q = T Wfc, and for the
 // rewritten order qsum = Q 1_D, wsum = Wfc 1_D, wbar = mean_n Wtok and Sg = Q g^T.

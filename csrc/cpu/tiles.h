@@ -104,6 +104,10 @@ struct Net {
   const acc_t* R;
   acc_t gav;
   const acc_t *W1, *b1, *W2, *b2, *ws;
+  // W1 and W2 in scalar_t where the precision plan runs the channel and spatial products
+  // with bf16/fp16 operands (precision_plan.def), else null (float32 BLAS on W1, W2)
+  const scalar_t *W1low = nullptr, *W2low = nullptr;
+  Tensor low_weights[2];  // owns W1low, W2low
   acc_t bs;
   const acc_t *Wd, *Wu, *lnbw, *lnbb, *lnpw, *lnpb;
   acc_t gate;
@@ -169,6 +173,34 @@ struct Net {
     gemm<acc_t>(false, false, rows, C, K, 1, P, K, Rf, C, 0, PR, C);
     const int64_t n = rows * C;
     for (int64_t i = 0; i < n; ++i) x1[i] = xt[i] + gav * PR[i];
+  }
+
+  // out[rows, m] = A[rows, k] op(W) + beta out, op(W) = W^T for W [m, k] (tb), else W [k, m].
+  // With Wlow (W in scalar_t) A is rounded to scalar_t and the product runs through ATen,
+  // whose oneDNN matmul uses the CPU's bf16 units (float32 accumulation, result rounded to
+  // scalar_t); without, BLAS in acc_t on W.
+  void weight_product(bool tb, int64_t rows, int64_t m, int64_t k, const acc_t* A, const acc_t* W,
+                      const scalar_t* Wlow, acc_t beta, acc_t* out) const {
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      if (Wlow != nullptr) {
+        static thread_local std::vector<scalar_t> a_low, c_low;
+        a_low.resize(rows * k);
+        c_low.resize(rows * m);
+        for (int64_t i = 0; i < rows * k; ++i) a_low[i] = static_cast<scalar_t>(A[i]);
+        const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+        scalar_t* w = const_cast<scalar_t*>(Wlow);
+        Tensor Wt = tb ? at::from_blob(w, {m, k}, opts).t() : at::from_blob(w, {k, m}, opts);
+        Tensor Ct = at::from_blob(c_low.data(), {rows, m}, opts);
+        at::mm_out(Ct, at::from_blob(a_low.data(), {rows, k}, opts), Wt);
+        if (beta == acc_t(0)) {
+          for (int64_t i = 0; i < rows * m; ++i) out[i] = static_cast<acc_t>(c_low[i]);
+        } else {
+          for (int64_t i = 0; i < rows * m; ++i) out[i] = beta * out[i] + static_cast<acc_t>(c_low[i]);
+        }
+        return;
+      }
+    }
+    gemm<acc_t>(false, tb, rows, m, k, 1, A, k, W, tb ? k : m, beta, out, m);
   }
 
   // Grouped 1x1 convolutions on a tile: out[:, grp] = in[:, grp] W_grp^T.

@@ -34,8 +34,10 @@ class CpuBackend(CompiledBackend):
     description = ("fused C++ forward and analytic backward (at::parallel_for over frames and token "
                    "blocks, BLAS on tiles; keeps the guide path's products and per-frame vectors, "
                    "recomputes the [F, N, C] token passes)")
-    # bf16 inputs: the guide path's products over tokens through ATen (oneDNN, the CPU's bf16 units)
-    low_precision_products = frozenset({"guide"})
+    # bf16/fp16 inputs: these products (and their gradients) through ATen in the input dtype
+    # (oneDNN on the CPU's bf16 units), where precision_plan.def allows it; not spatial, whose
+    # result ATen rounds to bf16 too (csrc/cpu/dgsct_cpu.h: cpu_runs_low)
+    low_precision_products = frozenset({"guide", "channel"})
 
     def unavailable_reason(self) -> str | None:
         return _UNAVAILABLE
