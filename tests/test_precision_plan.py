@@ -11,6 +11,7 @@ import torch
 import dgsct_kernels
 from dgsct_kernels import _extension, dispatch
 from dgsct_kernels.precision import PLAN, _read_plan, describe, operand_dtype
+from _support import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_plan_names_every_product_once_and_keeps_batch_normalised_ones_float32():
     assert list(PLAN) == ["guide", "prompt_logits", "prompt_mix", "channel", "spatial", "bottleneck"]
     # what train-mode BatchNorm magnifies stays float32 for every input dtype
-    for product in ("prompt_logits", "prompt_mix", "bottleneck"):
+    for product in ("guide", "prompt_logits", "prompt_mix", "bottleneck"):
         assert PLAN[product] == ()
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             assert operand_dtype(product, dtype) == torch.float32
@@ -27,12 +28,11 @@ def test_plan_names_every_product_once_and_keeps_batch_normalised_ones_float32()
 def test_operand_dtype_follows_the_input_where_the_plan_allows_it():
     assert operand_dtype("channel", torch.bfloat16) == torch.bfloat16
     assert operand_dtype("channel", torch.float16) == torch.float16
-    assert operand_dtype("guide", torch.bfloat16) == torch.bfloat16
-    assert operand_dtype("guide", torch.float16) == torch.float32  # bf16 only (precision_plan.def)
+    assert operand_dtype("spatial", torch.bfloat16) == torch.bfloat16
     assert operand_dtype("channel", torch.float32) == torch.float32
     with pytest.raises(ValueError, match="product='chanel'.*expected one of"):
         operand_dtype("chanel", torch.bfloat16)
-    assert "guide bf16" in describe() and "bottleneck float32" in describe()
+    assert "channel bf16/fp16" in describe() and "guide float32" in describe()
 
 
 def test_every_backend_runs_low_only_what_the_plan_allows():
@@ -74,3 +74,39 @@ def test_reader_refuses_a_malformed_plan(tmp_path):
     bad.write_text("// nothing\n")
     with pytest.raises(RuntimeError, match="no DGSCT_PRODUCT"):
         _read_plan(bad)
+
+
+@pytest.mark.skipif(_extension._C is None, reason="the compiled extension is not built")
+def test_cpu_bfloat16_meets_spec_tolerance_at_a_paper_shape():
+    """The plan's reasons hold where BatchNorm's statistics are realistic: at stage 2's visual
+    module (N 576, C 384, guide 1024 x 192), F = 10, train mode, every output and gradient of
+    the cpu backend in bf16 is within SPEC.md's 2e-2 of float64 on the same rounded values.
+    (Rounding the guide path too gave 0.033 on the residual: precision_plan.def.)"""
+    from dgsct_kernels import FusedDGSCT
+    torch.manual_seed(0)
+    oracle = FusedDGSCT(384, 192, 576, 1024, backend="reference").double().train()
+    with torch.no_grad():
+        oracle.gate.fill_(1.0)
+        oracle.gate_av.fill_(1.0)
+        for t in oracle.parameters():
+            t.copy_(t.bfloat16().double())
+    module = FusedDGSCT(384, 192, 576, 1024, backend="cpu").bfloat16().train()
+    module.load_state_dict({k: v.bfloat16() if v.is_floating_point() else v for k, v in oracle.state_dict().items()})
+    x = torch.randn(10, 576, 384, dtype=torch.bfloat16)
+    g = torch.randn(10, 1024, 192, dtype=torch.bfloat16)
+    weight = torch.randn(10, 576, 384, dtype=torch.float64)
+    results = []
+    for m, dtype in ((oracle, torch.float64), (module, torch.bfloat16)):
+        xi, gi = x.to(dtype).requires_grad_(), g.to(dtype).requires_grad_()
+        residual, spatial_map, temporal_gate = m(xi, gi)
+        (residual.double() * weight).sum().backward()
+        grads = {"x": xi.grad, "g": gi.grad, **{n: p.grad for n, p in m.named_parameters() if p.grad is not None}}
+        results.append(((residual, spatial_map, temporal_gate), grads))
+    (want, want_grads), (got, got_grads) = results
+    for name, a, b in zip(("residual", "spatial_map", "temporal_gate"), got, want):
+        assert_close(a, b, 2e-2, f"cpu bf16 {name}")
+    scale = want_grads["x"].abs().max()
+    for name, expected in want_grads.items():
+        if expected.abs().max() <= 1e-9 * scale:  # zero in exact arithmetic (bias before train BN)
+            continue
+        assert_close(got_grads[name], expected, 2e-2, f"cpu bf16 grad {name}")

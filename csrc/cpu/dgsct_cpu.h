@@ -53,7 +53,7 @@ struct GuideGrads {
 // Which of the plan's low-precision products this backend runs so (backends/cpu.py states
 // the same set). Not spatial: ATen's bf16 product also rounds its result to bf16, and with
 // that rounding of the pre-relu qv2 the W_video_2 gradient's error reached 0.33 in the
-// parity test against a bound of 0.10 (3x eager bf16's); guide and channel stay in bounds.
+// parity test against a bound of 0.10 (3x eager bf16's); channel stays in bounds.
 inline bool cpu_runs_low(Product product) { return product != kSpatial; }
 
 // The operand dtype of the products the precision plan names `product`, for inputs of

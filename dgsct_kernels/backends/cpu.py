@@ -37,7 +37,7 @@ class CpuBackend(CompiledBackend):
     # bf16/fp16 inputs: these products (and their gradients) through ATen in the input dtype
     # (oneDNN on the CPU's bf16 units), where precision_plan.def allows it; not spatial, whose
     # result ATen rounds to bf16 too (csrc/cpu/dgsct_cpu.h: cpu_runs_low)
-    low_precision_products = frozenset({"guide", "channel"})
+    low_precision_products = frozenset({"channel"})
 
     def unavailable_reason(self) -> str | None:
         return _UNAVAILABLE
