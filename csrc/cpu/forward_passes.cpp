@@ -3,8 +3,9 @@
 //   bottleneck   x -> x1 -> xc -> s; xm, ln_before, z = down(y) stored [F, N, H]
 //   moments      (training with BatchNorm) z -> h -> u: bn2's batch sums
 //   output       z -> h -> u -> bn2, ln_post, gate -> o
-// The backward re-runs channel and bottleneck with the Net's transient buffers set, to
-// fill x1, P, qv1 > 0 and qv2 for all tokens.
+// The backward re-runs bottleneck with the Net's transient buffers set, to fill x1, P,
+// qv1 > 0 (from the kept bits) and qv2 for all tokens; without kept state (fused_backward)
+// it re-runs channel too, for x1, P and qv1 > 0.
 #include "cpu/passes.h"
 
 #include "core/norms.h"
@@ -31,6 +32,16 @@ Tensor channel_pass(const Net<scalar_t, acc_t>& n) {
         for (int64_t r = 0; r < rows; ++r)
           DGSCT_SIMD
           for (int64_t c = 0; c < C; ++c) out[c] += std::max(v[r * C + c] + n.b1[c], acc_t(0));
+      if (n.M1bits) {  // forward keeping state: the relu mask as bits
+        uint8_t* bits = n.M1bits + n.row0(it) * n.CB;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c0 = 0; c0 < C; c0 += 8) {
+            uint8_t byte = 0;
+            for (int64_t c = c0; c < std::min(c0 + 8, C); ++c)
+              byte |= static_cast<uint8_t>(v[r * C + c] + n.b1[c] > acc_t(0)) << (c - c0);
+            bits[r * n.CB + c0 / 8] = byte;
+          }
+      }
       if (n.X1) {
         const int64_t g0 = n.row0(it);
         std::copy(x1.begin(), x1.begin() + rows * C, n.X1 + g0 * C);
@@ -57,7 +68,16 @@ void bottleneck_pass(const Net<scalar_t, acc_t>& n, Tensor& s, Tensor& z, Tensor
     for (int64_t it = b; it < e; ++it) {
       const int64_t f = n.frame(it), rows = n.rows(it), g0 = n.row0(it);
       const acc_t* x1 = x1buf.data();
-      if (n.X1) {
+      if (n.refill_x1) {  // backward from kept state: x1, P and the relu mask for the later passes
+        acc_t* x1dst = n.X1 + g0 * C;
+        const acc_t* xt = n.load_x(it, xb.data());
+        n.prompt(xt, f, rows, n.Pst + g0 * K, PR.data(), x1dst);
+        x1 = x1dst;
+        const uint8_t* bits = n.M1bits + g0 * n.CB;
+        uint8_t* m = n.M1 + g0 * C;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < C; ++c) m[r * C + c] = (bits[r * n.CB + c / 8] >> (c % 8)) & 1;
+      } else if (n.X1) {
         x1 = n.X1 + g0 * C;
       } else {
         const acc_t* xt = n.load_x(it, xb.data());

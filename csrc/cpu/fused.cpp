@@ -147,6 +147,7 @@ struct FrontState {
   FrameVectors fv;
   Tensor colsum, s, z, spmap;
   Tensor X1, Pst, M1, V2;  // backward only
+  Tensor M1bits;           // qv1 > 0 as bits: written when keeping state, read from it
   Tensor mean1, var1, mean2, var2;
   BnAffine a1, a2;
   Net<scalar_t, acc_t> net;
@@ -165,7 +166,7 @@ Tensor dense(const Tensor& t) {
 template <typename scalar_t, typename acc_t>
 FrontState<scalar_t, acc_t> run_front(const Tensor& x, const Tensor& g, const Prepared& pr,
                                       const std::string& order, bool for_backward = false,
-                                      const std::vector<Tensor>& kept = {}) {
+                                      const std::vector<Tensor>& kept = {}, bool keep_state = false) {
   FrontState<scalar_t, acc_t> st;
   PhaseTimer timer;
   const auto& p = pr.p;
@@ -197,11 +198,19 @@ FrontState<scalar_t, acc_t> run_front(const Tensor& x, const Tensor& g, const Pr
     n.M1 = st.M1.template data_ptr<uint8_t>();
     n.V2 = st.V2.template data_ptr<acc_t>();
   }
-  if (restored) n.ch = st.fv.ch.template data_ptr<acc_t>();
-  Tensor colsum = channel_pass(n);
-  timer("channel");
-  if (!restored) {
-    st.colsum = colsum;
+  n.CB = (n.C + 7) / 8;
+  if (restored) {  // the kept mask bits stand in for the channel pass: bottleneck refills x1
+    n.ch = st.fv.ch.template data_ptr<acc_t>();
+    st.M1bits = kept[kKeptMask1].contiguous();
+    n.M1bits = st.M1bits.template data_ptr<uint8_t>();
+    n.refill_x1 = true;
+  } else {
+    if (keep_state) {
+      st.M1bits = at::empty({n.F, n.N, n.CB}, at::TensorOptions().dtype(at::kByte));
+      n.M1bits = st.M1bits.template data_ptr<uint8_t>();
+    }
+    st.colsum = channel_pass(n);
+    timer("channel");
     channel_mlp(p, st.fv, st.colsum, n.N);
     n.ch = st.fv.ch.template data_ptr<acc_t>();
   }
@@ -244,6 +253,7 @@ std::vector<Tensor> kept_state(const FrontState<scalar_t, acc_t>& st, at::Scalar
                            st.colsum, fv.joint, fv.hid_pre, fv.hid, fv.ch};
   for (const Tensor& t : {st.mean1, st.var1, st.mean2, st.var2})
     kept.push_back(st.net.batch_stats ? t.clone() : at::empty({0}, at::TensorOptions().dtype(acc)));
+  kept.push_back(st.M1bits);
   for (const Tensor& t : guide_kept(st.guide, st.net.C)) kept.push_back(t);
   for (Tensor& t : kept) t = dense(t);
   return kept;
@@ -252,7 +262,7 @@ std::vector<Tensor> kept_state(const FrontState<scalar_t, acc_t>& st, at::Scalar
 template <typename scalar_t, typename acc_t>
 std::vector<Tensor> forward_impl(const Tensor& x, const Tensor& g, const Prepared& pr, const std::string& order,
                                  std::vector<Tensor>* kept) {
-  auto st = run_front<scalar_t, acc_t>(x, g, pr, order);
+  auto st = run_front<scalar_t, acc_t>(x, g, pr, order, false, {}, kept != nullptr);
   PhaseTimer timer;
   Tensor o = at::empty(x.sizes(), x.options());
   output_pass(st.net, st.z, o);
@@ -420,6 +430,7 @@ std::vector<std::vector<int64_t>> kept_shapes(const Prepared& pr, const std::str
   std::vector<std::vector<int64_t>> shapes{{F, K, C}, {F, C},  {F, C}, {F, C},  {F, Ch}, {F, Ch},
                                            {F},       {F, C},  {F, C}, {F, Cb}, {F, Cb}, {F, C}};
   for (int64_t n : {H, H, C, C}) shapes.push_back({pr.batch_stats ? n : 0});
+  shapes.push_back({F, N, (C + 7) / 8});  // kKeptMask1
   for (auto& s : guide_kept_shapes(order, F, N, M, D, K, C)) shapes.push_back(s);
   return shapes;
 }

@@ -26,10 +26,11 @@ void check_kept(const std::vector<Tensor>& kept, const std::vector<std::vector<i
   for (size_t i = 0; i < kept.size(); ++i) {
     const Tensor& t = kept[i];
     const char* name = i < kNumKeptCommon ? kKeptNames[i] : "guide path state";
-    TORCH_CHECK(t.defined() && t.device().is_cpu() && t.scalar_type() == acc && t.sizes() == at::IntArrayRef(shapes[i]),
+    const at::ScalarType dtype = kept_dtype(static_cast<int>(i), acc);
+    TORCH_CHECK(t.defined() && t.device().is_cpu() && t.scalar_type() == dtype && t.sizes() == at::IntArrayRef(shapes[i]),
                 "dgsct_kernels cpu: saved[", i, "] (", name, ") is ",
                 t.defined() ? t.toString() + " " + c10::str(t.sizes()) : std::string("undefined"), ", expected a CPU ",
-                acc, " tensor of shape ", at::IntArrayRef(shapes[i]));
+                dtype, " tensor of shape ", at::IntArrayRef(shapes[i]));
   }
 }
 

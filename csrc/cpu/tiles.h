@@ -121,6 +121,11 @@ struct Net {
   acc_t* X1 = nullptr;      // x1 [F, N, C]
   acc_t* Pst = nullptr;     // prompt probabilities [F, N, K]
   uint8_t* M1 = nullptr;    // qv1 > 0 [F, N, C]
+  // qv1 > 0 as bits [F, N, CB], CB = ceil(C / 8): the forward writes them for the backward
+  // (kept state), which then unpacks them into M1 instead of rerunning the channel product
+  uint8_t* M1bits = nullptr;
+  int64_t CB = 0;
+  bool refill_x1 = false;  // backward from kept state: the bottleneck pass fills X1, Pst, M1
   acc_t* V2 = nullptr;      // pre-relu qv2 [F, N, Ch]; front 1 overwrites it with dqv2
   acc_t* DV1 = nullptr;     // dqv1 (pre-relu) [F, N, C], written by front 2
 

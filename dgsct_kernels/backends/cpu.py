@@ -57,12 +57,14 @@ class CpuBackend(CompiledBackend):
                   (F, C), (F, C), (F, half), (F, half), (F,),  # qa1_pre, qa1, qa2_pre, qa2, tg
                   (F, C), (F, C), (F, bottleneck), (F, bottleneck), (F, C),  # colsum, joint, hid_pre, hid, ch
                   *((n if stats else 0,) for n in (H, H, C, C))]  # bn1 mean, var, bn2 mean, var
+        mask = (F, N, (C + 7) // 8)  # qv1 > 0 as bits, uint8 (csrc/cpu/fused.h: kKeptMask1)
         if _guide_order(x, params) == "rewritten":
-            shapes += [(F, K, N), (F, K, M), (F, K, D), (F, K), (F, D)]  # A, B = A Wtok, B g, A btok, wbar g
+            guide = [(F, K, N), (F, K, M), (F, K, D), (F, K), (F, D)]  # A, B = A Wtok, B g, A btok, wbar g
         else:  # U [F, N, D] only when smaller than x (csrc/cpu guide_keeps_u), A, A U, mean_n U
-            shapes += [*([(F, N, D)] if D < C else []), (F, K, N), (F, K, D), (F, D)]
+            guide = [*([(F, N, D)] if D < C else []), (F, K, N), (F, K, D), (F, D)]
         dtype = accumulation_dtype(x.dtype)
-        return [(shape, dtype) for shape in shapes]
+        return ([(shape, dtype) for shape in shapes] + [(mask, torch.uint8)]
+                + [(shape, dtype) for shape in guide])
 
     def forward_saving(self, x: Tensor, g: Tensor, params: Mapping[str, Tensor | None], hyper: Hyper,
                        training: bool) -> tuple[RawOutputs, list[Tensor]]:
