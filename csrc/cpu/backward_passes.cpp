@@ -214,7 +214,7 @@ void front1_pass(const Net<scalar_t, acc_t>& n, const Tensor& s, const Tensor& s
       }
       acc.dbs.data_ptr<acc_t>()[it] = bsum;
       // dW2 is one batched product over all tokens after this pass (V2 holds dqv2)
-      n.weight_product(false, rows, C, Ch, dv2, n.W2, n.W2low, 0, y.data());  // dxc
+      gemm<acc_t>(false, false, rows, C, Ch, 1, dv2, Ch, n.W2, C, 0, y.data(), C);  // dxc
       acc_t* dchB = acc.dchB.data_ptr<acc_t>() + it * C;
       for (int64_t r = 0; r < rows; ++r)
         DGSCT_SIMD

@@ -36,7 +36,6 @@ using ::dgsct::low_precision;
 // accumulation dtype, with what the analytic backward needs kept.
 struct GuideState {
   std::string order;
-  at::ScalarType operands;  // the guide products' operand dtype (precision_plan.def: guide)
   at::Tensor g;  // [F, M, D], accumulation dtype
   at::Tensor R;  // [F, K, C] prompts
   at::Tensor a;  // [F, C] pooled guide
@@ -51,10 +50,10 @@ struct GuideGrads {
 };
 
 // Which of the plan's low-precision products this backend runs so (backends/cpu.py states
-// the same set). Not spatial: ATen's bf16 product also rounds its result to bf16, and with
-// that rounding of the pre-relu qv2 the W_video_2 gradient's error reached 0.33 in the
-// parity test against a bound of 0.10 (3x eager bf16's); channel stays in bounds.
-inline bool cpu_runs_low(Product product) { return product != kSpatial; }
+// the same set): only channel. Not spatial: ATen's bf16 product also rounds its result to
+// bf16, and with that rounding of the pre-relu qv2 the W_video_2 gradient's error reached
+// 0.33 in the parity test against a bound of 0.10 (3x eager bf16's).
+inline bool cpu_runs_low(Product product) { return product == kChannel; }
 
 // The operand dtype of the products the precision plan names `product`, for inputs of
 // dtype `input` computed in `acc`: the input's bf16/fp16 where the plan allows it and the
@@ -73,9 +72,8 @@ inline at::Tensor matmul_in(const at::Tensor& a, const at::Tensor& b, at::Scalar
   return at::matmul(a.to(operands), b.to(operands)).to(a.scalar_type());
 }
 
-// `operands`: the guide products' operand dtype, operand_dtype(kGuide, ...).
-GuideState guide_forward(const at::Tensor& g, const std::vector<at::Tensor>& p, const std::string& order,
-                         at::ScalarType operands);
+// float32 products for every input dtype (precision_plan.def: guide).
+GuideState guide_forward(const at::Tensor& g, const std::vector<at::Tensor>& p, const std::string& order);
 // The guide path's share of the state the forward keeps for the backward: rewritten
 // A [F, K, N], B [F, K, M], applied [F, K, D], ab [F, K], ga [F, D]; tokens-first
 // U [F, N, D] only when D < C (so it is smaller than x), A, AU [F, K, D], ubar [F, D].
@@ -86,8 +84,7 @@ std::vector<std::vector<int64_t>> guide_kept_shapes(const std::string& order, in
 // guide_forward's state from guide_kept's tensors; recomputes only the frame-independent
 // products, Sg = Q g^T (2FKMD FLOPs) and, when U was not kept, U = Wtok g + btok.
 GuideState guide_restore(const at::Tensor& g, const std::vector<at::Tensor>& p, const std::string& order,
-                         const at::Tensor& R, const at::Tensor& a, at::ArrayRef<at::Tensor> kept,
-                         at::ScalarType operands);
+                         const at::Tensor& R, const at::Tensor& a, at::ArrayRef<at::Tensor> kept);
 GuideGrads guide_backward(const GuideState& s, const std::vector<at::Tensor>& p, const at::Tensor& dR,
                           const at::Tensor& da, bool want_g);
 

@@ -88,7 +88,7 @@ void bottleneck_pass(const Net<scalar_t, acc_t>& n, Tensor& s, Tensor& z, Tensor
       for (int64_t r = 0; r < rows; ++r)
         DGSCT_SIMD
         for (int64_t c = 0; c < C; ++c) xc[r * C + c] = x1[r * C + c] * (acc_t(1) + chf[c]);
-      n.weight_product(true, rows, Ch, C, xc.data(), n.W2, n.W2low, 0, v);
+      gemm<acc_t>(false, true, rows, Ch, C, 1, xc.data(), C, n.W2, C, 0, v, Ch);
       for (int64_t r = 0; r < rows; ++r)
         DGSCT_SIMD
         for (int64_t j = 0; j < Ch; ++j) v[r * Ch + j] += n.b2[j];  // pre-relu qv2

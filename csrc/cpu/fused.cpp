@@ -97,12 +97,8 @@ Net<scalar_t, acc_t> make_net(const Tensor& x, const Prepared& pr, const Tensor&
   n.b1 = p[kBv1].data_ptr<acc_t>();
   n.W2 = p[kWv2].data_ptr<acc_t>();
   if (operand_dtype(kChannel, x.scalar_type(), pr.acc) != pr.acc) {
-    n.low_weights[0] = p[kWv1].to(x.scalar_type()).contiguous();
-    n.W1low = n.low_weights[0].template data_ptr<scalar_t>();
-  }
-  if (operand_dtype(kSpatial, x.scalar_type(), pr.acc) != pr.acc) {
-    n.low_weights[1] = p[kWv2].to(x.scalar_type()).contiguous();
-    n.W2low = n.low_weights[1].template data_ptr<scalar_t>();
+    n.W1low_owner = p[kWv1].to(x.scalar_type()).contiguous();
+    n.W1low = n.W1low_owner.template data_ptr<scalar_t>();
   }
   n.b2 = p[kBv2].data_ptr<acc_t>();
   n.ws = p[kWs].data_ptr<acc_t>();
@@ -172,17 +168,16 @@ FrontState<scalar_t, acc_t> run_front(const Tensor& x, const Tensor& g, const Pr
   const auto& p = pr.p;
   const bool restored = !kept.empty();
   const Tensor gacc = g.to(pr.acc).contiguous();
-  const at::ScalarType guide_operands = operand_dtype(kGuide, x.scalar_type(), pr.acc);
   if (restored) {
     auto c = [&](int i) { return kept[i].contiguous(); };
     st.guide = guide_restore(gacc, p, order, c(kKeptR), c(kKeptPooled),
-                             at::ArrayRef<Tensor>(kept).slice(kNumKeptCommon), guide_operands);
+                             at::ArrayRef<Tensor>(kept).slice(kNumKeptCommon));
     st.fv = FrameVectors{c(kKeptQa1Pre), c(kKeptQa1), c(kKeptQa2Pre), c(kKeptQa2), c(kKeptTg),
                          c(kKeptJoint),  c(kKeptHidPre), c(kKeptHid), c(kKeptCh)};
     st.colsum = c(kKeptColsum);
     timer("restore");
   } else {
-    st.guide = guide_forward(gacc, p, order, guide_operands);
+    st.guide = guide_forward(gacc, p, order);
     timer("guide");
     st.fv = frame_vectors(p, st.guide.a);
   }
@@ -390,7 +385,6 @@ std::vector<Tensor> backward_impl(const Tensor& dO_in, const Tensor& dsp_in, con
   grads[kWa1] = at::mm(dqa1_pre.t(), a);
   grads[kBa1] = dqa1_pre.sum(0);
   const at::ScalarType channel_operands = operand_dtype(kChannel, x.scalar_type(), pr.acc);
-  const at::ScalarType spatial_operands = operand_dtype(kSpatial, x.scalar_type(), pr.acc);
   if (want(kWv1)) grads[kWv1] = matmul_in(DV1.view({F * N, C}).t(), st.X1.view({F * N, C}), channel_operands);
   grads[kBv1] = db1.sum(0);
   grads[kWb] = at::mm(dhid_pre.t(), fv.joint);
@@ -398,7 +392,7 @@ std::vector<Tensor> backward_impl(const Tensor& dO_in, const Tensor& dsp_in, con
   grads[kWc] = at::mm(dcpre.t(), fv.hid);
   grads[kBc] = dcpre.sum(0);
   if (want(kWv2))  // sum over frames of (dqv2_f^T x1_f) (1 + ch_f): xc never stored
-    grads[kWv2] = (matmul_in(st.V2.transpose(1, 2), st.X1, spatial_operands) * (fv.ch + 1).unsqueeze(1)).sum(0);
+    grads[kWv2] = (at::bmm(st.V2.transpose(1, 2), st.X1) * (fv.ch + 1).unsqueeze(1)).sum(0);
   grads[kBv2] = fa.db2.sum(0);
   grads[kWa2] = at::mm(dqa2_pre.t(), a);
   grads[kBa2] = dqa2_pre.sum(0);

@@ -24,18 +24,12 @@ void check_order(const std::string& order) {
               "': expected 'rewritten' or 'tokens-first'");
 }
 
-// The products over tokens (N or M) take the guide's operand dtype (matmul_in); products
-// of per-frame vectors stay in the accumulation dtype.
-Tensor product(const Tensor& a, const Tensor& b, at::ScalarType operands) { return matmul_in(a, b, operands); }
-
 // What both orders' backward read besides the kept tensors: Q = T Wfc, and for the
 // rewritten order qsum = Q 1_D, wsum = Wfc 1_D, wbar = mean_n Wtok and Sg = Q g^T.
-GuideState guide_start(const Tensor& g, const std::vector<Tensor>& p, const std::string& order,
-                       at::ScalarType operands) {
+GuideState guide_start(const Tensor& g, const std::vector<Tensor>& p, const std::string& order) {
   check_order(order);
   GuideState s;
   s.order = order;
-  s.operands = operands;
   s.g = g;
   const Tensor& wfc = p[kWfc];  // [C, D]
   s.Q = at::mm(p[kTokens], wfc);  // [K, D]
@@ -43,17 +37,15 @@ GuideState guide_start(const Tensor& g, const std::vector<Tensor>& p, const std:
     s.qsum = s.Q.sum(1);  // [K]
     s.wsum = wfc.sum(1);  // [C]
     s.wbar = p[kWtok].reshape({-1, g.size(1)}).mean(0);  // [M]
-    s.Sg = product(s.Q, g.transpose(1, 2), operands).contiguous();  // [F, K, M]
+    s.Sg = at::matmul(s.Q, g.transpose(1, 2)).contiguous();  // [F, K, M]
   }
   return s;
 }
 
 }  // namespace
 
-GuideState guide_forward(const Tensor& g, const std::vector<Tensor>& p, const std::string& order,
-                         at::ScalarType operands) {
-  GuideState s = guide_start(g, p, order, operands);
-  const auto lp = [operands](const Tensor& a, const Tensor& b) { return product(a, b, operands); };
+GuideState guide_forward(const Tensor& g, const std::vector<Tensor>& p, const std::string& order) {
+  GuideState s = guide_start(g, p, order);
   const int64_t F = g.size(0), M = g.size(1);
   const Tensor& T = p[kTokens];
   const int64_t K = T.size(0);
@@ -63,19 +55,19 @@ GuideState guide_forward(const Tensor& g, const std::vector<Tensor>& p, const st
   const Tensor& wfc = p[kWfc];  // [C, D]
   const Tensor& bfc = p[kBfc];
   if (order == "rewritten") {
-    Tensor S = lp(s.Sg.view({F * K, M}), wtok.t()).view({F, K, N});
+    Tensor S = at::matmul(s.Sg.view({F * K, M}), wtok.t()).view({F, K, N});
     S.add_(at::outer(s.qsum, btok));  // broadcast over frames
     s.A = at::softmax(S, -1);                                  // [F, K, N]
-    s.B = lp(s.A.view({F * K, N}), wtok).view({F, K, M});      // A Wtok
-    s.applied = lp(s.B, g);                                     // [F, K, D]
+    s.B = at::matmul(s.A.view({F * K, N}), wtok).view({F, K, M});      // A Wtok
+    s.applied = at::matmul(s.B, g);                                     // [F, K, D]
     s.ab = at::matmul(s.A, btok);                               // [F, K]
     s.R = at::matmul(s.applied, wfc.t()).add_(s.ab.unsqueeze(-1) * s.wsum).add_(bfc).add_(T);
     s.ga = at::matmul(s.wbar, g).contiguous();                  // [F, D]
     s.a = at::mm(s.ga, wfc.t()).add_(btok.mean() * s.wsum).add_(bfc);
   } else {
-    s.U = lp(wtok, g).add_(btok.unsqueeze(-1));                // [F, N, D]
-    s.A = at::softmax(lp(s.Q, s.U.transpose(1, 2)), -1);       // [F, K, N]
-    s.AU = lp(s.A, s.U);                                        // [F, K, D]
+    s.U = at::matmul(wtok, g).add_(btok.unsqueeze(-1));                // [F, N, D]
+    s.A = at::softmax(at::matmul(s.Q, s.U.transpose(1, 2)), -1);       // [F, K, N]
+    s.AU = at::matmul(s.A, s.U);                                        // [F, K, D]
     s.R = at::matmul(s.AU, wfc.t()).add_(bfc).add_(T);
     s.ubar = s.U.mean(1);                                       // [F, D]
     s.a = at::mm(s.ubar, wfc.t()).add_(bfc);
@@ -98,8 +90,8 @@ std::vector<std::vector<int64_t>> guide_kept_shapes(const std::string& order, in
 }
 
 GuideState guide_restore(const Tensor& g, const std::vector<Tensor>& p, const std::string& order, const Tensor& R,
-                         const Tensor& a, at::ArrayRef<Tensor> kept, at::ScalarType operands) {
-  GuideState s = guide_start(g, p, order, operands);
+                         const Tensor& a, at::ArrayRef<Tensor> kept) {
+  GuideState s = guide_start(g, p, order);
   s.R = R;
   s.a = a;
   if (order == "rewritten") {
@@ -111,7 +103,7 @@ GuideState guide_restore(const Tensor& g, const std::vector<Tensor>& p, const st
   } else {
     const bool has_u = kept.size() == 4;
     s.U = has_u ? kept[0]
-                : product(p[kWtok].reshape({-1, g.size(1)}), g, operands).add_(p[kBtok].unsqueeze(-1));  // as forward
+                : at::matmul(p[kWtok].reshape({-1, g.size(1)}), g).add_(p[kBtok].unsqueeze(-1));  // as forward
     s.A = kept[has_u + 0];
     s.AU = kept[has_u + 1];
     s.ubar = kept[has_u + 2];
@@ -130,7 +122,6 @@ GuideGrads guide_backward(const GuideState& s, const std::vector<Tensor>& p, con
   const int64_t N = wtok.size(0);
   const Tensor& btok = p[kBtok];
   const Tensor& wfc = p[kWfc];
-  const auto lp = [&s](const Tensor& a, const Tensor& b) { return product(a, b, s.operands); };
   Tensor dT = dR.sum(0);                                   // R = T + ...
   out.bfc = dR.sum({0, 1}) + da.sum(0);
   Tensor dQ;
@@ -146,9 +137,9 @@ GuideGrads guide_backward(const GuideState& s, const std::vector<Tensor>& p, con
     Tensor dbtok = at::matmul(da, s.wsum).sum().div(N).expand({N}).contiguous();
     Tensor dwbar = at::matmul(g, dga.unsqueeze(-1)).squeeze(-1).sum(0);  // [M]
     // applied = B g
-    Tensor dB = lp(d_applied, g.transpose(1, 2));          // [F, K, M]
+    Tensor dB = at::matmul(d_applied, g.transpose(1, 2));          // [F, K, M]
     // B = A Wtok, ab = A btok
-    Tensor dA = lp(dB.view({F * K, M}), wtok.t()).view({F, K, N});
+    Tensor dA = at::matmul(dB.view({F * K, M}), wtok.t()).view({F, K, N});
     dA.add_(dab.unsqueeze(-1) * btok);
     dbtok.add_((s.A * dab.unsqueeze(-1)).sum({0, 1}));
     // softmax
@@ -157,17 +148,17 @@ GuideGrads guide_backward(const GuideState& s, const std::vector<Tensor>& p, con
     // S, and wbar = mean_n Wtok): [A; dS; 1/N]^T [dB; Sg; dwbar].
     Tensor left = at::cat({s.A.view({F * K, N}), dS.view({F * K, N}), at::full({1, N}, 1.0 / N, dS.options())}, 0);
     Tensor right = at::cat({dB.view({F * K, M}), s.Sg.view({F * K, M}), dwbar.view({1, M})}, 0);
-    Tensor dWtok = lp(left.t(), right);
-    Tensor dSg = lp(dS.view({F * K, N}), wtok).view({F, K, M});
+    Tensor dWtok = at::matmul(left.t(), right);
+    Tensor dSg = at::matmul(dS.view({F * K, N}), wtok).view({F, K, M});
     Tensor dqsum = at::matmul(dS, btok);                   // [F, K]
     dbtok.add_((dS * s.qsum.view({1, K, 1})).sum({0, 1}));
     // Sg = Q g^T, qsum = Q 1_D
-    dQ = lp(dSg, g).sum(0).add_(dqsum.sum(0).unsqueeze(-1));  // [K, D]
+    dQ = at::matmul(dSg, g).sum(0).add_(dqsum.sum(0).unsqueeze(-1));  // [K, D]
     Tensor dg;
     if (want_g) {  // one batched product for the three terms: [dSg; B; wbar]^T [Q; d_applied; dga]
       Tensor gl = at::cat({dSg, s.B, s.wbar.view({1, 1, M}).expand({F, 1, M})}, 1);
       Tensor gr = at::cat({s.Q.unsqueeze(0).expand({F, K, D}), d_applied, dga.view({F, 1, D})}, 1);
-      dg = lp(gl.transpose(1, 2), gr);
+      dg = at::matmul(gl.transpose(1, 2), gr);
     }
     dWfc.add_(dwsum.unsqueeze(-1));                        // wsum = Wfc 1_D
     out.Wfc = dWfc;
@@ -178,15 +169,15 @@ GuideGrads guide_backward(const GuideState& s, const std::vector<Tensor>& p, con
     Tensor dAU = at::matmul(dR, wfc);                      // [F, K, D]
     Tensor dWfc = at::mm(dR.reshape({F * K, C}).t(), s.AU.reshape({F * K, D})).add_(at::mm(da.t(), s.ubar));
     Tensor dubar = at::mm(da, wfc);                        // [F, D]
-    Tensor dU = lp(s.A.transpose(1, 2), dAU).add_(dubar.unsqueeze(1).div(N));  // [F, N, D]
-    Tensor dA = lp(dAU, s.U.transpose(1, 2));              // [F, K, N]
+    Tensor dU = at::matmul(s.A.transpose(1, 2), dAU).add_(dubar.unsqueeze(1).div(N));  // [F, N, D]
+    Tensor dA = at::matmul(dAU, s.U.transpose(1, 2));              // [F, K, N]
     Tensor dS = s.A * (dA - (s.A * dA).sum(-1, true));
-    dU.add_(lp(dS.transpose(1, 2), s.Q));
-    dQ = lp(dS, s.U).sum(0);                               // [K, D]
+    dU.add_(at::matmul(dS.transpose(1, 2), s.Q));
+    dQ = at::matmul(dS, s.U).sum(0);                               // [K, D]
     // U = Wtok g + btok: sum over frames of dU_f g_f^T as one product
-    out.Wtok = lp(dU.permute({1, 0, 2}).reshape({N, F * D}), g.transpose(1, 2).reshape({F * D, M}));
+    out.Wtok = at::matmul(dU.permute({1, 0, 2}).reshape({N, F * D}), g.transpose(1, 2).reshape({F * D, M}));
     out.btok = dU.sum({0, 2});
-    if (want_g) out.g = lp(wtok.t(), dU);
+    if (want_g) out.g = at::matmul(wtok.t(), dU);
     out.Wfc = dWfc;
   }
   // Q = T Wfc

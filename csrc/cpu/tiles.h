@@ -104,10 +104,10 @@ struct Net {
   const acc_t* R;
   acc_t gav;
   const acc_t *W1, *b1, *W2, *b2, *ws;
-  // W1 and W2 in scalar_t where the precision plan runs the channel and spatial products
-  // with bf16/fp16 operands (precision_plan.def), else null (float32 BLAS on W1, W2)
-  const scalar_t *W1low = nullptr, *W2low = nullptr;
-  Tensor low_weights[2];  // owns W1low, W2low
+  // W1 in scalar_t where the cpu backend runs the channel product with bf16/fp16 operands
+  // (precision_plan.def, cpu_runs_low), else null (float32 BLAS on W1)
+  const scalar_t* W1low = nullptr;
+  Tensor W1low_owner;
   acc_t bs;
   const acc_t *Wd, *Wu, *lnbw, *lnbb, *lnpw, *lnpb;
   acc_t gate;

@@ -76,7 +76,7 @@ std::vector<Tensor> forward_design(const Tensor& x_in, const Tensor& g, const c1
   const bool batch_stats = pr.batch_stats;
 
   // guide path (ATen; large products in cuBLAS), per-frame vectors
-  P::GuideState guide = P::guide_forward(g.to(at::kFloat).contiguous(), p, order, at::kFloat);
+  P::GuideState guide = P::guide_forward(g.to(at::kFloat).contiguous(), p, order);
   const Tensor R = guide.R.contiguous();
   const Tensor Rt = R.transpose(1, 2).contiguous();
   const Tensor& a = guide.a;
@@ -192,7 +192,7 @@ std::vector<Tensor> backward_design(const Tensor& grad_residual, const Tensor& g
   const double alpha = pr.hy.alpha, beta = pr.hy.beta, gamma = pr.hy.gamma;
 
   // ---- recompute the forward in float32 (transient [F, N, *] tensors of the backward)
-  P::GuideState guide = P::guide_forward(g.to(at::kFloat).contiguous(), p, order, at::kFloat);
+  P::GuideState guide = P::guide_forward(g.to(at::kFloat).contiguous(), p, order);
   const Tensor& R = guide.R;  // [F, K, C]
   const Tensor& a = guide.a;  // [F, C]
   const Tensor x = x_in.to(at::kFloat);
