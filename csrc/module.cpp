@@ -6,6 +6,7 @@
 
 #include "param_slots.h"
 #include "cpu/dgsct_cpu.h"
+#include "cpu/products.h"
 #include "precision_plan.h"
 
 namespace {
@@ -57,6 +58,11 @@ pybind11::list cpu_low_precision_products() {
   return names;
 }
 
+// Which library runs the cpu backend's float32 products, and why (cpu/products.h).
+pybind11::tuple cpu_gemm_provider() {
+  return pybind11::make_tuple(dgsct::cpu::gemm_provider_name(), dgsct::cpu::gemm_provider_reason());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -68,4 +74,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "which products may take bf16/fp16 operands, as the C++ side sees it (precision_plan.def)");
   m.def("cpu_low_precision_products", &cpu_low_precision_products,
         "the plan's products the cpu backend runs with bf16/fp16 operands");
+  m.def("cpu_matmul", &dgsct::cpu::matmul,
+        "a @ b as the cpu backend runs its frame-level float32 products (for the GEMM-rate "
+        "measurement of benchmarks/run.py)");
+  m.def("cpu_gemm_provider", &cpu_gemm_provider,
+        "(name, reason): the library that runs the cpu backend's float32 products (oneDNN or BLAS)");
 }

@@ -96,6 +96,10 @@ class Backend(abc.ABC):
         """Why `auto` should not pick this backend although it can run (it may be forced)."""
         return []
 
+    def path_note(self, problem: Problem) -> str:
+        """Appended to auto's announcement: which inner path the backend takes here, if any."""
+        return ""
+
     def roofline_works(self, problem: Problem) -> Optional[list]:
         """The forward's kernels as roofline `Work` (roofline.py), for auto's estimate between
         GPU backends that have not been measured; None when the backend has no cost model."""
@@ -223,7 +227,8 @@ def resolve(problem: Problem, argument: str = AUTO) -> Backend:
         if not reasons:
             announce(backend.name, problem.device_type, problem.dtype, problem.training,
                      lambda: f"dgsct_kernels: auto chose backend {backend.name!r} for "
-                     f"{_describe(problem)}" + (f" (skipped: {'; '.join(rejected)})" if rejected else ""))
+                     f"{_describe(problem)}" + backend.path_note(problem)
+                     + (f" (skipped: {'; '.join(rejected)})" if rejected else ""))
             return backend
         rejected.append(f"{backend.name}: {', '.join(reasons)}")
     raise RuntimeError(f"no backend can run {_describe(problem)}: " + "; ".join(rejected))

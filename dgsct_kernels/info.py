@@ -26,6 +26,10 @@ def report() -> str:
     status = extension_status()
     built, detail = status["cpu"]
     lines.append("cpu extension: built" if built else f"cpu extension: not built ({detail})")
+    if built:
+        from .backends.cpu import gemm_provider
+        name, reason = gemm_provider()
+        lines.append(f"  cpu float32 products: {'oneDNN' if name == 'onednn' else 'BLAS'} ({reason})")
     built, detail = status["cuda"]
     lines.append(f"cuda extension: built ({detail})" if built else f"cuda extension: not built ({detail})")
     if status["info"]:

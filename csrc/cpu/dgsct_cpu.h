@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/products.h"
 #include "param_slots.h"
 #include "precision_plan.h"
 
@@ -68,7 +69,7 @@ inline at::ScalarType operand_dtype(Product product, at::ScalarType input, at::S
 // a @ b with `operands` as the operand dtype (bf16/fp16 through ATen: oneDNN on the CPU's
 // bf16 units, result rounded to it), returned in a's dtype.
 inline at::Tensor matmul_in(const at::Tensor& a, const at::Tensor& b, at::ScalarType operands) {
-  if (operands == a.scalar_type()) return at::matmul(a, b);
+  if (operands == a.scalar_type()) return cpu::matmul(a, b);
   return at::matmul(a.to(operands), b.to(operands)).to(a.scalar_type());
 }
 

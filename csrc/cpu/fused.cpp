@@ -347,8 +347,8 @@ std::vector<Tensor> backward_impl(const Tensor& dO_in, const Tensor& dsp_in, con
   auto& fv = st.fv;
   Tensor dch = by_frame(fa.dchA) * pr.hy.alpha + by_frame(fa.dchB);        // [F, C]
   Tensor dcpre = dch * fv.ch * (1 - fv.ch);
-  Tensor dhid_pre = at::mm(dcpre, p[kWc]) * (fv.hid_pre > 0);
-  Tensor djoint = at::mm(dhid_pre, p[kWb]);                                // [F, C]
+  Tensor dhid_pre = cpu::matmul(dcpre, p[kWc]) * (fv.hid_pre > 0);
+  Tensor djoint = cpu::matmul(dhid_pre, p[kWb]);                                // [F, C]
   Tensor dqa1 = djoint * st.colsum / static_cast<double>(N);
   Tensor gv = (djoint * fv.qa1 / static_cast<double>(N)).contiguous();
   // front sweep 2
@@ -368,7 +368,7 @@ std::vector<Tensor> backward_impl(const Tensor& dO_in, const Tensor& dsp_in, con
   Tensor dqa1_pre = dqa1 * (fv.qa1_pre > 0);
   Tensor dqa2_pre = dqa2 * (fv.qa2_pre > 0);
   Tensor dtg_pre = (dtg * fv.tg * (1 - fv.tg)).unsqueeze(1);  // [F, 1]
-  Tensor da = at::mm(dqa1_pre, p[kWa1]) + at::mm(dqa2_pre, p[kWa2]) + dtg_pre * p[kWt];
+  Tensor da = cpu::matmul(dqa1_pre, p[kWa1]) + cpu::matmul(dqa2_pre, p[kWa2]) + dtg_pre * p[kWt];
   GuideGrads gg;
   if (guide_wanted) gg = guide_backward(st.guide, p, dR, da, want_g);
   timer("guide bwd");
@@ -382,23 +382,23 @@ std::vector<Tensor> backward_impl(const Tensor& dO_in, const Tensor& dsp_in, con
   grads[kBfc] = gg.bfc;
   grads[kTokens] = gg.tokens;
   grads[kGateAv] = dgav.sum().view({1});
-  grads[kWa1] = at::mm(dqa1_pre.t(), a);
+  grads[kWa1] = cpu::matmul(dqa1_pre.t(), a);
   grads[kBa1] = dqa1_pre.sum(0);
   const at::ScalarType channel_operands = operand_dtype(kChannel, x.scalar_type(), pr.acc);
   if (want(kWv1)) grads[kWv1] = matmul_in(DV1.view({F * N, C}).t(), st.X1.view({F * N, C}), channel_operands);
   grads[kBv1] = db1.sum(0);
-  grads[kWb] = at::mm(dhid_pre.t(), fv.joint);
+  grads[kWb] = cpu::matmul(dhid_pre.t(), fv.joint);
   grads[kBb] = dhid_pre.sum(0);
-  grads[kWc] = at::mm(dcpre.t(), fv.hid);
+  grads[kWc] = cpu::matmul(dcpre.t(), fv.hid);
   grads[kBc] = dcpre.sum(0);
   if (want(kWv2))  // sum over frames of (dqv2_f^T x1_f) (1 + ch_f): xc never stored
-    grads[kWv2] = (at::bmm(st.V2.transpose(1, 2), st.X1) * (fv.ch + 1).unsqueeze(1)).sum(0);
+    grads[kWv2] = (cpu::matmul(st.V2.transpose(1, 2), st.X1) * (fv.ch + 1).unsqueeze(1)).sum(0);
   grads[kBv2] = fa.db2.sum(0);
-  grads[kWa2] = at::mm(dqa2_pre.t(), a);
+  grads[kWa2] = cpu::matmul(dqa2_pre.t(), a);
   grads[kBa2] = dqa2_pre.sum(0);
   grads[kWs] = (fa.dws.sum(0) * 1).view({1, Ch});
   grads[kBs] = fa.dbs.sum().view({1});
-  grads[kWt] = at::mm(dtg_pre.t(), a);
+  grads[kWt] = cpu::matmul(dtg_pre.t(), a);
   grads[kBt] = dtg_pre.sum(0);
   if (pr.has_lnb) {
     grads[kLnbW] = fa.dlnbw.sum(0);

@@ -32,12 +32,12 @@ GuideState guide_start(const Tensor& g, const std::vector<Tensor>& p, const std:
   s.order = order;
   s.g = g;
   const Tensor& wfc = p[kWfc];  // [C, D]
-  s.Q = at::mm(p[kTokens], wfc);  // [K, D]
+  s.Q = cpu::matmul(p[kTokens], wfc);  // [K, D]
   if (order == "rewritten") {
     s.qsum = s.Q.sum(1);  // [K]
     s.wsum = wfc.sum(1);  // [C]
     s.wbar = p[kWtok].reshape({-1, g.size(1)}).mean(0);  // [M]
-    s.Sg = at::matmul(s.Q, g.transpose(1, 2)).contiguous();  // [F, K, M]
+    s.Sg = cpu::matmul(s.Q, g.transpose(1, 2)).contiguous();  // [F, K, M]
   }
   return s;
 }
@@ -55,22 +55,22 @@ GuideState guide_forward(const Tensor& g, const std::vector<Tensor>& p, const st
   const Tensor& wfc = p[kWfc];  // [C, D]
   const Tensor& bfc = p[kBfc];
   if (order == "rewritten") {
-    Tensor S = at::matmul(s.Sg.view({F * K, M}), wtok.t()).view({F, K, N});
+    Tensor S = cpu::matmul(s.Sg.view({F * K, M}), wtok.t()).view({F, K, N});
     S.add_(at::outer(s.qsum, btok));  // broadcast over frames
     s.A = at::softmax(S, -1);                                  // [F, K, N]
-    s.B = at::matmul(s.A.view({F * K, N}), wtok).view({F, K, M});      // A Wtok
-    s.applied = at::matmul(s.B, g);                                     // [F, K, D]
-    s.ab = at::matmul(s.A, btok);                               // [F, K]
-    s.R = at::matmul(s.applied, wfc.t()).add_(s.ab.unsqueeze(-1) * s.wsum).add_(bfc).add_(T);
-    s.ga = at::matmul(s.wbar, g).contiguous();                  // [F, D]
-    s.a = at::mm(s.ga, wfc.t()).add_(btok.mean() * s.wsum).add_(bfc);
+    s.B = cpu::matmul(s.A.view({F * K, N}), wtok).view({F, K, M});      // A Wtok
+    s.applied = cpu::matmul(s.B, g);                                     // [F, K, D]
+    s.ab = cpu::matmul(s.A, btok);                               // [F, K]
+    s.R = cpu::matmul(s.applied, wfc.t()).add_(s.ab.unsqueeze(-1) * s.wsum).add_(bfc).add_(T);
+    s.ga = cpu::matmul(s.wbar, g).contiguous();                  // [F, D]
+    s.a = cpu::matmul(s.ga, wfc.t()).add_(btok.mean() * s.wsum).add_(bfc);
   } else {
-    s.U = at::matmul(wtok, g).add_(btok.unsqueeze(-1));                // [F, N, D]
-    s.A = at::softmax(at::matmul(s.Q, s.U.transpose(1, 2)), -1);       // [F, K, N]
-    s.AU = at::matmul(s.A, s.U);                                        // [F, K, D]
-    s.R = at::matmul(s.AU, wfc.t()).add_(bfc).add_(T);
+    s.U = cpu::matmul(wtok, g).add_(btok.unsqueeze(-1));                // [F, N, D]
+    s.A = at::softmax(cpu::matmul(s.Q, s.U.transpose(1, 2)), -1);       // [F, K, N]
+    s.AU = cpu::matmul(s.A, s.U);                                        // [F, K, D]
+    s.R = cpu::matmul(s.AU, wfc.t()).add_(bfc).add_(T);
     s.ubar = s.U.mean(1);                                       // [F, D]
-    s.a = at::mm(s.ubar, wfc.t()).add_(bfc);
+    s.a = cpu::matmul(s.ubar, wfc.t()).add_(bfc);
   }
   return s;
 }
@@ -103,7 +103,7 @@ GuideState guide_restore(const Tensor& g, const std::vector<Tensor>& p, const st
   } else {
     const bool has_u = kept.size() == 4;
     s.U = has_u ? kept[0]
-                : at::matmul(p[kWtok].reshape({-1, g.size(1)}), g).add_(p[kBtok].unsqueeze(-1));  // as forward
+                : cpu::matmul(p[kWtok].reshape({-1, g.size(1)}), g).add_(p[kBtok].unsqueeze(-1));  // as forward
     s.A = kept[has_u + 0];
     s.AU = kept[has_u + 1];
     s.ubar = kept[has_u + 2];
@@ -126,20 +126,20 @@ GuideGrads guide_backward(const GuideState& s, const std::vector<Tensor>& p, con
   out.bfc = dR.sum({0, 1}) + da.sum(0);
   Tensor dQ;
   if (s.order == "rewritten") {
-    Tensor d_applied = at::matmul(dR, wfc);                // [F, K, D]
-    Tensor dWfc = at::mm(dR.reshape({F * K, C}).t(), s.applied.reshape({F * K, D}));
-    Tensor dab = at::matmul(dR, s.wsum);                   // [F, K]
+    Tensor d_applied = cpu::matmul(dR, wfc);                // [F, K, D]
+    Tensor dWfc = cpu::matmul(dR.reshape({F * K, C}).t(), s.applied.reshape({F * K, D}));
+    Tensor dab = cpu::matmul(dR, s.wsum);                   // [F, K]
     Tensor dwsum = (dR * s.ab.unsqueeze(-1)).sum({0, 1});  // [C]
     // pooled guide a = ga Wfc^T + mean(btok) wsum + bfc, ga = wbar g
-    Tensor dga = at::mm(da, wfc);                          // [F, D]
-    dWfc.add_(at::mm(da.t(), s.ga));
+    Tensor dga = cpu::matmul(da, wfc);                          // [F, D]
+    dWfc.add_(cpu::matmul(da.t(), s.ga));
     dwsum.add_(da.sum(0) * btok.mean());
-    Tensor dbtok = at::matmul(da, s.wsum).sum().div(N).expand({N}).contiguous();
-    Tensor dwbar = at::matmul(g, dga.unsqueeze(-1)).squeeze(-1).sum(0);  // [M]
+    Tensor dbtok = cpu::matmul(da, s.wsum).sum().div(N).expand({N}).contiguous();
+    Tensor dwbar = cpu::matmul(g, dga.unsqueeze(-1)).squeeze(-1).sum(0);  // [M]
     // applied = B g
-    Tensor dB = at::matmul(d_applied, g.transpose(1, 2));          // [F, K, M]
+    Tensor dB = cpu::matmul(d_applied, g.transpose(1, 2));          // [F, K, M]
     // B = A Wtok, ab = A btok
-    Tensor dA = at::matmul(dB.view({F * K, M}), wtok.t()).view({F, K, N});
+    Tensor dA = cpu::matmul(dB.view({F * K, M}), wtok.t()).view({F, K, N});
     dA.add_(dab.unsqueeze(-1) * btok);
     dbtok.add_((s.A * dab.unsqueeze(-1)).sum({0, 1}));
     // softmax
@@ -148,17 +148,17 @@ GuideGrads guide_backward(const GuideState& s, const std::vector<Tensor>& p, con
     // S, and wbar = mean_n Wtok): [A; dS; 1/N]^T [dB; Sg; dwbar].
     Tensor left = at::cat({s.A.view({F * K, N}), dS.view({F * K, N}), at::full({1, N}, 1.0 / N, dS.options())}, 0);
     Tensor right = at::cat({dB.view({F * K, M}), s.Sg.view({F * K, M}), dwbar.view({1, M})}, 0);
-    Tensor dWtok = at::matmul(left.t(), right);
-    Tensor dSg = at::matmul(dS.view({F * K, N}), wtok).view({F, K, M});
-    Tensor dqsum = at::matmul(dS, btok);                   // [F, K]
+    Tensor dWtok = cpu::matmul(left.t(), right);
+    Tensor dSg = cpu::matmul(dS.view({F * K, N}), wtok).view({F, K, M});
+    Tensor dqsum = cpu::matmul(dS, btok);                   // [F, K]
     dbtok.add_((dS * s.qsum.view({1, K, 1})).sum({0, 1}));
     // Sg = Q g^T, qsum = Q 1_D
-    dQ = at::matmul(dSg, g).sum(0).add_(dqsum.sum(0).unsqueeze(-1));  // [K, D]
+    dQ = cpu::matmul(dSg, g).sum(0).add_(dqsum.sum(0).unsqueeze(-1));  // [K, D]
     Tensor dg;
     if (want_g) {  // one batched product for the three terms: [dSg; B; wbar]^T [Q; d_applied; dga]
       Tensor gl = at::cat({dSg, s.B, s.wbar.view({1, 1, M}).expand({F, 1, M})}, 1);
       Tensor gr = at::cat({s.Q.unsqueeze(0).expand({F, K, D}), d_applied, dga.view({F, 1, D})}, 1);
-      dg = at::matmul(gl.transpose(1, 2), gr);
+      dg = cpu::matmul(gl.transpose(1, 2), gr);
     }
     dWfc.add_(dwsum.unsqueeze(-1));                        // wsum = Wfc 1_D
     out.Wfc = dWfc;
@@ -166,23 +166,23 @@ GuideGrads guide_backward(const GuideState& s, const std::vector<Tensor>& p, con
     out.Wtok = dWtok;
     out.g = dg;
   } else {
-    Tensor dAU = at::matmul(dR, wfc);                      // [F, K, D]
-    Tensor dWfc = at::mm(dR.reshape({F * K, C}).t(), s.AU.reshape({F * K, D})).add_(at::mm(da.t(), s.ubar));
-    Tensor dubar = at::mm(da, wfc);                        // [F, D]
-    Tensor dU = at::matmul(s.A.transpose(1, 2), dAU).add_(dubar.unsqueeze(1).div(N));  // [F, N, D]
-    Tensor dA = at::matmul(dAU, s.U.transpose(1, 2));              // [F, K, N]
+    Tensor dAU = cpu::matmul(dR, wfc);                      // [F, K, D]
+    Tensor dWfc = cpu::matmul(dR.reshape({F * K, C}).t(), s.AU.reshape({F * K, D})).add_(cpu::matmul(da.t(), s.ubar));
+    Tensor dubar = cpu::matmul(da, wfc);                        // [F, D]
+    Tensor dU = cpu::matmul(s.A.transpose(1, 2), dAU).add_(dubar.unsqueeze(1).div(N));  // [F, N, D]
+    Tensor dA = cpu::matmul(dAU, s.U.transpose(1, 2));              // [F, K, N]
     Tensor dS = s.A * (dA - (s.A * dA).sum(-1, true));
-    dU.add_(at::matmul(dS.transpose(1, 2), s.Q));
-    dQ = at::matmul(dS, s.U).sum(0);                               // [K, D]
+    dU.add_(cpu::matmul(dS.transpose(1, 2), s.Q));
+    dQ = cpu::matmul(dS, s.U).sum(0);                               // [K, D]
     // U = Wtok g + btok: sum over frames of dU_f g_f^T as one product
-    out.Wtok = at::matmul(dU.permute({1, 0, 2}).reshape({N, F * D}), g.transpose(1, 2).reshape({F * D, M}));
+    out.Wtok = cpu::matmul(dU.permute({1, 0, 2}).reshape({N, F * D}), g.transpose(1, 2).reshape({F * D, M}));
     out.btok = dU.sum({0, 2});
-    if (want_g) out.g = at::matmul(wtok.t(), dU);
+    if (want_g) out.g = cpu::matmul(wtok.t(), dU);
     out.Wfc = dWfc;
   }
   // Q = T Wfc
-  dT.add_(at::mm(dQ, wfc.t()));
-  out.Wfc.add_(at::mm(T.t(), dQ));
+  dT.add_(cpu::matmul(dQ, wfc.t()));
+  out.Wfc.add_(cpu::matmul(T.t(), dQ));
   out.tokens = dT;
   return out;
 }

@@ -10,6 +10,7 @@
 
 #include "core/op_io.h"
 #include "cpu/fused.h"
+#include "cpu/products.h"
 
 namespace dgsct::cpu {
 
@@ -38,6 +39,7 @@ std::vector<Tensor> forward_cpu(const Tensor& x_in, const Tensor& g, const c10::
                                 at::ArrayRef<double> hyper, bool training, c10::string_view guide_order,
                                 std::vector<Tensor>* kept) {
   const core::Prepared pr = core::prepare(kRules, x_in, g, params, hyper, training);
+  (void)gemm_provider();  // the one-time probe, outside the parallel regions
   return run_forward(x_in.contiguous(), g, pr, std::string(guide_order), kept);
 }
 
@@ -62,6 +64,7 @@ std::vector<Tensor> backward_cpu(const Tensor& grad_residual, const Tensor& grad
                                  at::ArrayRef<double> hyper, bool training, c10::string_view guide_order,
                                  at::IntArrayRef wanted) {
   const core::Prepared pr = core::prepare(kRules, x_in, g, params, hyper, training);
+  (void)gemm_provider();
   const Tensor x = x_in.contiguous();
   core::check_backward_args(pr, x, grad_residual, grad_spatial_map, grad_temporal_gate, wanted);
   const std::string order(guide_order);

@@ -7,8 +7,9 @@
 // (x1, qv1, xc, qv2, xm, y, u, ...) lives only in a chunk's tile buffers. Reductions over
 // tokens go to per-item partials (per-frame vectors) or per-chunk partials (weight
 // gradients) that are summed in a fixed order afterwards, so results do not depend on
-// thread scheduling. Matrix products on tiles call BLAS (sgemm_/dgemm_ of the BLAS torch
-// links, else at::addmm_ on views); the frame-level products are ATen ops.
+// thread scheduling. Matrix products on tiles call oneDNN or BLAS (products.h picks; sgemm_/
+// dgemm_ of the BLAS torch links, else at::addmm_ on views); the frame-level products go
+// through products.h's matmul.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,6 +27,7 @@
 
 #include "core/simd.h"
 #include "cpu/dgsct_cpu.h"
+#include "cpu/products.h"
 
 extern "C" {
 // Fortran BLAS of the library torch links (MKL on x86 wheels); weak, so a torch without
@@ -54,6 +56,16 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A
   const int M_ = static_cast<int>(n), N_ = static_cast<int>(m), K_ = static_cast<int>(k);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
   if constexpr (std::is_same_v<T, float>) {
+    // oneDNN where gemm_provider() chose it (AVX-512 on CPUs where MKL runs AVX2)
+    if (ldc == n && lda == (ta ? m : k) && ldb == (tb ? k : n) && m * n * k >= kOneDnnMinWork &&
+        gemm_provider() == GemmProvider::kOneDnn) {
+      const auto opts = at::TensorOptions().dtype(at::kFloat);
+      float* a = const_cast<float*>(A);
+      float* b = const_cast<float*>(B);
+      Tensor At = ta ? at::from_blob(a, {k, m}, opts).t() : at::from_blob(a, {m, k}, opts);
+      Tensor Bt = tb ? at::from_blob(b, {n, k}, opts).t() : at::from_blob(b, {k, n}, opts);
+      if (onednn_product(At, Bt, at::from_blob(Cm, {m, n}, opts), beta, alpha)) return;
+    }
     if (sgemm_ != nullptr) {
       sgemm_(&opb, &opa, &M_, &N_, &K_, &alpha, B, &la, A, &lb, &beta, Cm, &lc);
       return;

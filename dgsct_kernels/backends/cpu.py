@@ -26,14 +26,21 @@ from .compiled import CompiledBackend, _call_backward, _guide_order, _slots, mis
 _UNAVAILABLE = missing_kernels_reason("CPU")
 
 
+def gemm_provider() -> tuple[str, str]:
+    """("onednn" | "blas", why): the library that runs the cpu backend's float32 products,
+    probed once per process (csrc/cpu/products.h; DGSCT_CPU_GEMM=blas|onednn forces it)."""
+    from .._extension import _C
+    return tuple(_C.cpu_gemm_provider())
+
+
 class CpuBackend(CompiledBackend):
     name = "cpu"
     rank = 10
     devices = ("cpu",)
     dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     description = ("fused C++ forward and analytic backward (at::parallel_for over frames and token "
-                   "blocks, BLAS on tiles; keeps the guide path's products and per-frame vectors, "
-                   "recomputes the [F, N, C] token passes)")
+                   "blocks, oneDNN or BLAS products on tiles; keeps the guide path's products and "
+                   "per-frame vectors, recomputes the [F, N, C] token passes)")
     # bf16/fp16 inputs: these products (and their gradients) through ATen in the input dtype
     # (oneDNN on the CPU's bf16 units), where precision_plan.def allows it; not spatial, whose
     # result ATen rounds to bf16 too (csrc/cpu/dgsct_cpu.h: cpu_runs_low)
@@ -41,6 +48,12 @@ class CpuBackend(CompiledBackend):
 
     def unavailable_reason(self) -> str | None:
         return _UNAVAILABLE
+
+    def path_note(self, problem) -> str:
+        if problem.dtype == torch.float64:
+            return ""
+        name, reason = gemm_provider()
+        return f"; float32 products on {'oneDNN' if name == 'onednn' else 'BLAS'} ({reason})"
 
     # The forward's kept state for the backward (ops.py keep_state; dispatch.Backend's defaults)
     def saved_state_shapes(self, x: Tensor, g: Tensor, params: Mapping[str, Tensor | None],
