@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - tqdm is in requirements.txt
     tqdm = None
 
 from .cpu_load import FreeCoreThreads
-from .models import build_dgsct, save_trainable
+from .models import build_dgsct, load_trainable, save_trainable
 from .models.registry import Task, get_task, task_names
 
 log = logging.getLogger("dgsct_kernels.train")
@@ -71,6 +71,9 @@ def parse_args(argv=None, task: str | None = None) -> argparse.Namespace:
                         "default: the task's)")
     p.add_argument("--eval-split", default=None,
                    help="split evaluated after each epoch (default: the task's; AVE test, AVVP val)")
+    p.add_argument("--test-split", default=None,
+                   help="split scored once at the end with the best epoch's weights (default: "
+                        "the task's; AVVP test, AVE none); 'none' to skip")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="clips per process and step")
     p.add_argument("--accum-steps", type=int, default=None, help="batches per optimizer step")
@@ -94,9 +97,10 @@ def parse_args(argv=None, task: str | None = None) -> argparse.Namespace:
     p.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), default=None,
                    help="mixed precision: torch.autocast in this dtype, float32 master weights "
                         "(fp16 adds a GradScaler)")
-    p.add_argument("--encoders-eval", action="store_true",
+    p.add_argument("--encoders-eval", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the frozen encoders in eval mode (the authors train them in "
-                        "train mode: DropPath, SpecAugment, bn0 statistics)")
+                        "train mode: DropPath, SpecAugment, bn0 statistics; default: the "
+                        "task's training defaults, else train mode)")
     p.add_argument("--out", default=None, help="folder for the trainable weights "
                    "(default: runs/<task>)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
@@ -117,11 +121,20 @@ def parse_args(argv=None, task: str | None = None) -> argparse.Namespace:
     args.task = entry.name
     args.out = args.out or f"runs/{entry.name}"
     args.eval_split = args.eval_split or entry.eval_split
+    if args.test_split is None:
+        args.test_split = entry.test_split
+    elif args.test_split.lower() == "none":
+        args.test_split = None
+    if args.test_split == args.eval_split:
+        p.error(f"--test-split={args.test_split!r}: the split that picks the best epoch "
+                f"(--eval-split) cannot also be its unbiased score")
     if args.synthetic_videos is None:
         args.synthetic_videos = ",".join(map(str, entry.synthetic["videos_per_split"]))
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.encoders_eval is None:
+        args.encoders_eval = False
     for key in ("epochs", "batch_size", "accum_steps"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')}={getattr(args, key)}: expected >= 1")
@@ -301,7 +314,7 @@ def clips_per_epoch(clips: int, args, world: int) -> int:
 
 
 def expected_seconds(args, task: Task, device: torch.device, n_train: int, n_eval: int,
-                     world: int):
+                     world: int, n_test: int = 0):
     """Seconds the whole run should take on a quiet machine (training all --epochs, without
     an early stop), or None where the task has no figure (other presets, GPUs)."""
     per_clip = task.tiny_cpu_seconds
@@ -310,7 +323,8 @@ def expected_seconds(args, task: Task, device: torch.device, n_train: int, n_eva
     epochs = 0 if args.eval_only else args.epochs
     eval_s = clips_per_epoch(n_eval, args, world) * per_clip["eval_clip"]
     train_s = clips_per_epoch(n_train, args, world) * per_clip["train_clip"]
-    return per_clip["setup"] + epochs * (train_s + eval_s) + (eval_s if not epochs else 0)
+    test_s = clips_per_epoch(n_test, args, world) * per_clip["eval_clip"]
+    return per_clip["setup"] + epochs * (train_s + eval_s) + (eval_s if not epochs else 0) + test_s
 
 
 def duration(seconds: float) -> str:
@@ -340,6 +354,18 @@ def main(argv=None, started: float | None = None, task: str | None = None) -> di
         torch.set_num_threads(default_threads)
 
 
+def score_best_on_test(model, task: Task, args, test_set, best_file: Path, trained: bool,
+                       device, rank: int, world: int, show: bool, after_step):
+    """The held-out split scored once with the weights of the best eval-split epoch."""
+    if trained:
+        if world > 1:
+            dist.barrier()  # rank 0 wrote the file
+        load_trainable(model, best_file)
+    log.info("scoring %d %s clips with the best %s epoch's weights",
+             clips_per_epoch(len(test_set), args, world), args.test_split, args.eval_split)
+    return evaluate(model, task, test_set, args, device, rank, world, show, after_step)
+
+
 def run(args, started: float, rank: int, world: int, device: torch.device, show: bool,
         adapt_threads: bool, default_threads: int) -> dict:
     """Data, model, the epochs and the summary of one run."""
@@ -351,12 +377,14 @@ def run(args, started: float, rank: int, world: int, device: torch.device, show:
     kw = {"image_size": model.image_size, **{k: v for k, v in media.items() if v is not None}}
     train_set = task.dataset(root, "train", **kw)
     eval_set = task.dataset(root, args.eval_split, **kw)
+    test_set = task.dataset(root, args.test_split, **kw) if args.test_split else None
     n_train = sum(p.numel() for p in _trainable_parameters(model))
     n_all = sum(p.numel() for p in model.parameters())
     log.info("task %s, preset %s, data %s (%d train / %d %s clips), %d processes on %s, "
              "trainable parameters %.2fM of %.2fM", task.name, args.preset, root, len(train_set),
              len(eval_set), args.eval_split, world, device, n_train / 1e6, n_all / 1e6)
-    expected = expected_seconds(args, task, device, len(train_set), len(eval_set), world)
+    expected = expected_seconds(args, task, device, len(train_set), len(eval_set), world,
+                                len(test_set) if test_set is not None else 0)
     epochs = 0 if args.eval_only else args.epochs
     if expected is not None:
         log.info("expected time: about %s on a quiet 2-core CPU (%d epochs of %d train and %d %s "
@@ -418,9 +446,15 @@ def run(args, started: float, rank: int, world: int, device: torch.device, show:
         save_trainable(model, out_dir / f"{stem}_last.safetensors", {"epoch": history[-1]["epoch"]})
     final = history[-1] if history else best
     final = {k: v for k, v in final.items() if k != "epoch" and not k.startswith("train_")}
+    test = None
+    if test_set is not None:
+        test = score_best_on_test(model, task, args, test_set, out_dir / f"{stem}_best.safetensors",
+                                  bool(history), device, rank, world, show, after_step)
     summary = {**{f"final_{k}": v for k, v in final.items()},
                **{f"best_{k}": v for k, v in best.items()},
+               **{f"test_{k}": v for k, v in (test or {}).items()},
                "best_epoch": best_epoch, "score": task.score, "history": history,
+               "test_split": args.test_split if test is not None else None,
                "seconds": time.time() - started, "expected_seconds": expected, "out": str(out_dir)}
     if rank == 0:
         took = f"took {duration(summary['seconds'])}" + (
@@ -428,6 +462,9 @@ def run(args, started: float, rank: int, world: int, device: torch.device, show:
         print(f"final {args.eval_split} {task.describe(final)}; best {task.score} "
               f"{best[task.score]:.2f} at epoch {best_epoch}; {took}; weights in {out_dir}",
               flush=True)
+        if test is not None:
+            print(f"{args.test_split} with the best {args.eval_split} epoch's weights "
+                  f"(epoch {best_epoch}): {task.describe(test)}", flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

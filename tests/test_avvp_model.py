@@ -94,12 +94,15 @@ def test_one_training_step_reports_all_ten_scores(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    summary = train.main(["--task", "AVVP", "--synthetic-videos", "4,2,0", "--epochs", "1",
+    summary = train.main(["--task", "AVVP", "--synthetic-videos", "4,2,3", "--epochs", "1",
                           "--max-steps", "1", "--batch-size", "2", "--out", str(tmp_path / "run"),
                           "--no-progress", "--backend", "reference"])
     for key in AVVP_SCORE_KEYS:
         assert 0 <= summary[f"final_{key}"] <= 100, key
+        assert 0 <= summary[f"test_{key}"] <= 100, key
     assert summary["score"] == "segment_type" and summary["final_videos"] == 2
+    # the held-out split, scored once with the best val epoch's weights (max-steps 1: 2 clips)
+    assert summary["test_split"] == "test" and summary["test_videos"] == 2
     assert (tmp_path / "run" / "avvp_tiny_best.safetensors").is_file()
     again = build_dgsct("avvp", "tiny", weights=tmp_path / "run" / "avvp_tiny_best.safetensors")
     assert again.weights_report["dgsct"].loaded > 0
@@ -126,3 +129,19 @@ def test_authors_avvp_checkpoint_layout_round_trips():
     loaded = trainable_state_dict(target)
     for key, value in trainable_state_dict(source).items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_training_defaults_and_test_split_options():
+    args = train.parse_args(["--task", "avvp"])
+    assert args.encoders_eval is True  # the tiny AVVP default (registry.py)
+    assert (args.eval_split, args.test_split) == ("val", "test")
+    assert train.parse_args(["--task", "avvp", "--no-encoders-eval"]).encoders_eval is False
+    assert train.parse_args(["--task", "avvp", "--test-split", "None"]).test_split is None
+    ave = train.parse_args(["--task", "ave"])
+    assert ave.encoders_eval is False and ave.test_split is None  # AVE reports its test split
+
+
+def test_test_split_must_differ_from_the_selection_split(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--task", "avvp", "--test-split", "val"])
+    assert "--test-split='val'" in capsys.readouterr().err
