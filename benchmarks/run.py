@@ -143,7 +143,7 @@ GUIDE_PATHS = {
     "eager": ("as-written", False, None),
     "compile": ("as-written", False, "torch.compile fuses the guide path into the rest of its graph"),
     "reference": ("as-written", True, None),
-    "cpu": ("planned", True, None),  # csrc/cpu/guide_path.cpp: guide_path.py's ATen products
+    "cpu": ("planned", True, None),  # csrc/cpu/guide_path.cpp, timed through _C.cpu_guide_forward
     "cuda": ("planned", True, None),  # the same guide_forward in float32 (csrc/cuda/portable/driver.cpp)
     "triton": ("planned", True, None),  # prompts_and_pooled_guide, but see guide_path_of
 }
@@ -599,16 +599,25 @@ def run_guide(g: Tensor, p: dict[str, Tensor], order: str) -> tuple[Tensor, Tens
     return guide_as_written(g, p) if order == "as-written" else prompts_and_pooled_guide(g, p, order)
 
 
+def run_cpu_guide(g: Tensor, p: dict[str, Tensor], order: str) -> tuple[Tensor, Tensor]:
+    """The cpu backend's own guide path (csrc/cpu/guide_path.cpp, its products' library)."""
+    from dgsct_kernels._extension import _C
+    return tuple(_C.cpu_guide_forward(g, *(p[n].detach() for n in GUIDE_PARAM_NAMES), order))
+
+
 def guide_step(order: str, dtype: torch.dtype, g: Tensor, params: dict[str, Tensor],
-               training: bool) -> Callable[[], None]:
+               training: bool, name: str = "eager") -> Callable[[], None]:
     """One call's guide path alone, in `dtype` (g's upcast inside the step, like the backends;
-    the weights' outside). fwd+bwd: also the gradients w.r.t. g and the guide's parameters."""
+    the weights' outside), as contender `name` runs it. fwd+bwd: also the gradients w.r.t. g
+    and the guide's parameters."""
     p = {n: params[n] if params[n].dtype == dtype else params[n].detach().to(dtype)
          for n in GUIDE_PARAM_NAMES}
     if not training:
+        guide = run_cpu_guide if name == "cpu" and order != "as-written" else run_guide
+
         def step() -> None:
             with torch.no_grad():
-                run_guide(g.to(dtype), p, order)
+                guide(g.to(dtype), p, order)
         return step
     outputs = run_guide(g, p, order)
     grads = tuple(torch.randn_like(t) for t in outputs)
@@ -630,7 +639,8 @@ def guide_columns(name: str, shape: Shape, g: Tensor, params: dict[str, Tensor],
                "guide_fraction_of_gemm": None, "guide_unmeasured_reason": reason}
     if reason is not None:
         return columns
-    times = time_ms(guide_step(order, dtype, g, params, training), args.warmup, args.repeats, args.device)
+    times = time_ms(guide_step(order, dtype, g, params, training, name), args.warmup, args.repeats,
+                    args.device)
     median = float(np.median(times))
     achieved = flops / (median * 1e-3) / 1e9
     gemm = env["gemm_gflops_by_products"][DTYPE_TAGS[dtype]][shape.label][order]

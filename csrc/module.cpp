@@ -63,6 +63,22 @@ pybind11::tuple cpu_gemm_provider() {
   return pybind11::make_tuple(dgsct::cpu::gemm_provider_name(), dgsct::cpu::gemm_provider_reason());
 }
 
+// The cpu backend's guide path alone (steps 1, 2 and 4: prompts R and pooled guide a), for
+// the benchmark's guide columns; g and the weights in the accumulation dtype.
+pybind11::tuple cpu_guide_forward(const at::Tensor& g, const at::Tensor& conv_weight, const at::Tensor& conv_bias,
+                                  const at::Tensor& fc_weight, const at::Tensor& fc_bias,
+                                  const at::Tensor& my_tokens, const std::string& order) {
+  std::vector<at::Tensor> p(dgsct::kNumParams);
+  p[dgsct::kWtok] = conv_weight;
+  p[dgsct::kBtok] = conv_bias;
+  p[dgsct::kWfc] = fc_weight;
+  p[dgsct::kBfc] = fc_bias;
+  p[dgsct::kTokens] = my_tokens;
+  (void)dgsct::cpu::gemm_provider();
+  const dgsct::cpu::GuideState s = dgsct::cpu::guide_forward(g, p, order);
+  return pybind11::make_tuple(s.R, s.a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -77,6 +93,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_matmul", &dgsct::cpu::matmul,
         "a @ b as the cpu backend runs its frame-level float32 products (for the GEMM-rate "
         "measurement of benchmarks/run.py)");
+  m.def("cpu_guide_forward", &cpu_guide_forward,
+        "(R, a): the cpu backend's guide path alone (for the benchmark's guide columns)");
   m.def("cpu_gemm_provider", &cpu_gemm_provider,
         "(name, reason): the library that runs the cpu backend's float32 products (oneDNN or BLAS)");
 }

@@ -25,8 +25,8 @@ def test_provider_is_named_with_a_reason():
 
 
 @pytest.mark.parametrize("shapes", [((96, 80), (80, 72)), ((3, 70, 64), (3, 64, 90)), ((4, 33, 96), (96, 70)),
-                                    ((5, 7), (7, 3)), ((2, 4, 6), (6,))],
-                         ids=["2d", "batched", "3d-by-2d", "small", "matrix-vector"])
+                                    ((70, 64), (3, 64, 90)), ((5, 7), (7, 3)), ((2, 4, 6), (6,))],
+                         ids=["2d", "batched", "3d-by-2d", "2d-by-3d", "small", "matrix-vector"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
 def test_cpu_matmul_matches_float64(shapes, transposed):
     generator = torch.Generator().manual_seed(0)
@@ -74,3 +74,21 @@ def test_unknown_library_is_refused_by_name():
     done = subprocess.run([sys.executable, "-c", "from dgsct_kernels._extension import _C; _C.cpu_gemm_provider()"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "DGSCT_CPU_GEMM=mkl: expected auto, blas or onednn" in done.stderr
+
+
+@pytest.mark.parametrize("order", ["rewritten", "tokens-first"])
+def test_cpu_guide_path_alone_matches_the_reference(order):
+    # what benchmarks/run.py times as the cpu backend's guide path
+    from dgsct_kernels.guide_path import prompts_and_pooled_guide
+    generator = torch.Generator().manual_seed(1)
+    F, N, M, D, C, K = 3, 96, 80, 48, 64, 8
+    p = {"conv_adapter.weight": torch.randn(N, M, 1, 1, generator=generator) / M ** 0.5,
+         "conv_adapter.bias": torch.randn(N, generator=generator),
+         "fc.weight": torch.randn(C, D, generator=generator) / D ** 0.5,
+         "fc.bias": torch.randn(C, generator=generator),
+         "my_tokens": torch.rand(K, C, generator=generator)}
+    g = torch.randn(F, M, D, generator=generator)
+    want_R, want_a = prompts_and_pooled_guide(g.double(), {k: v.double() for k, v in p.items()}, order)
+    R, a = _extension._C.cpu_guide_forward(g, *p.values(), order)
+    assert_close(R, want_R, 1e-5, f"cpu guide R ({order})")
+    assert_close(a, want_a, 1e-5, f"cpu guide a ({order})")

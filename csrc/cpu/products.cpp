@@ -113,6 +113,11 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
     } else if (a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0)) {
       Tensor c = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
       if (onednn_product(a, b, c, 0.f, 1.f)) return c;
+    } else if (a.dim() == 2 && b.dim() == 3) {  // one matrix against each of a batch
+      Tensor c = at::empty({b.size(0), a.size(0), b.size(2)}, a.options());
+      bool done = true;
+      for (int64_t i = 0; i < b.size(0) && done; ++i) done = onednn_product(a, b[i], c[i], 0.f, 1.f);
+      if (done) return c;
     } else if (a.dim() == 3 && b.dim() == 2 && a.is_contiguous()) {
       Tensor c = at::empty({a.size(0) * a.size(1), b.size(1)}, a.options());
       if (onednn_product(a.view({-1, a.size(2)}), b, c, 0.f, 1.f)) return c.view({a.size(0), a.size(1), b.size(1)});

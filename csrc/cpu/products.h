@@ -32,8 +32,8 @@ constexpr int64_t kOneDnnMinWork = 64 * 64 * 64;
 // where the provider is BLAS, the product is small or the layouts do not fit.
 bool onednn_product(const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, float beta, float alpha);
 
-// at::matmul for the frame-level products: float32 2-D x 2-D, 3-D x 3-D (same batch) and
-// 3-D x 2-D go through onednn_product where it applies; everything else is at::matmul.
+// at::matmul for the frame-level products: float32 2-D x 2-D, 3-D x 3-D (same batch), 2-D x
+// 3-D and 3-D x 2-D go through onednn_product where it applies; everything else is at::matmul.
 at::Tensor matmul(const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace dgsct::cpu
