@@ -20,7 +20,11 @@ REWRITTEN = Case(frames=4, tokens=24, dim=16, guide_tokens=20, guide_dim=16, num
 TOKENS_FIRST = Case(frames=4, tokens=24, dim=16, guide_tokens=20, guide_dim=6, num_latents=8)
 # tokens-first with D >= C: U [F, N, D] would be as large as x, so the backward recomputes it
 WIDE_GUIDE = Case(frames=4, tokens=24, dim=10, guide_tokens=20, guide_dim=12, num_latents=8)
-CASES = {"rewritten": REWRITTEN, "tokens-first": TOKENS_FIRST, "tokens-first-wide-guide": WIDE_GUIDE}
+# rewritten with B = A Wtok [F, K, M] over a quarter of x (4 K M > N C, as at s1-visual):
+# the backward recomputes B instead of keeping it
+LARGE_B = Case(frames=4, tokens=24, dim=16, guide_tokens=40, guide_dim=16, num_latents=4)
+CASES = {"rewritten": REWRITTEN, "tokens-first": TOKENS_FIRST, "tokens-first-wide-guide": WIDE_GUIDE,
+         "rewritten-large-b": LARGE_B}
 OPTIONS = {"all-on": {}, "bare": {"use_bn": False, "use_gate": False, "ln_before": False, "ln_post": False}}
 _GUIDE_PHASE = re.compile(r"\[dgsct cpu\] guide\s+\d")  # guide_forward's line, not "guide bwd"
 
@@ -74,7 +78,7 @@ def test_saved_state_is_what_the_backward_reads(name, training):
     x, g = make_inputs(case)
     params = {n: p.detach() for n, p in module.op_params().items()}
     slots, hyper = [params.get(n) for n in OP_PARAM_NAMES], list(module.hyper())
-    order = name.removesuffix("-wide-guide")
+    order = "rewritten" if name.startswith("rewritten") else "tokens-first"
     *out, saved = torch.ops.dgsct_kernels.fused_forward_saving(x, g, slots, hyper, training, order)
     plain = torch.ops.dgsct_kernels.fused_forward(x, g, slots, hyper, training, order)
     for a, b in zip(out, plain):
@@ -232,3 +236,16 @@ def test_empty_batch_with_kept_state():
     assert out[0].shape == x0.shape and all(t.shape[0] == 0 for t in out[7] if t.dim() > 1)
     out[0].sum().backward()
     assert x0.grad.shape == x0.shape
+
+
+def test_b_is_kept_only_while_small():
+    """B = A Wtok [F, K, M] is in the state unless it exceeds a quarter of x (csrc/cpu guide_keeps_b)."""
+    def guide_shapes(case):
+        module = make_module(case, backend="cpu")
+        x, g = make_inputs(case)
+        params = {n: p.detach() for n, p in module.op_params().items()}
+        return [shape for shape, _ in cpu.saved_state_shapes(x, g, params, True)]
+    F, K = REWRITTEN.frames, REWRITTEN.num_latents
+    assert (F, K, REWRITTEN.guide_tokens) in guide_shapes(REWRITTEN)
+    assert (F, K, LARGE_B.guide_tokens) not in guide_shapes(LARGE_B)
+    assert len(guide_shapes(LARGE_B)) == len(guide_shapes(REWRITTEN)) - 1

@@ -76,9 +76,12 @@ inline at::Tensor matmul_in(const at::Tensor& a, const at::Tensor& b, at::Scalar
 // float32 products for every input dtype (precision_plan.def: guide).
 GuideState guide_forward(const at::Tensor& g, const std::vector<at::Tensor>& p, const std::string& order);
 // The guide path's share of the state the forward keeps for the backward: rewritten
-// A [F, K, N], B [F, K, M], applied [F, K, D], ab [F, K], ga [F, D]; tokens-first
+// A [F, K, N], B [F, K, M] (where guide_keeps_b), applied [F, K, D], ab [F, K], ga [F, D]; tokens-first
 // U [F, N, D] only when D < C (so it is smaller than x), A, AU [F, K, D], ubar [F, D].
 inline bool guide_keeps_u(int64_t D, int64_t C) { return D < C; }
+// B = A Wtok [F, K, M] is kept unless it exceeds a quarter of x (K M > N C / 4: the stage-1
+// visual module, where it alone is 0.30x of x); the backward then recomputes it (2 F K N M).
+inline bool guide_keeps_b(int64_t K, int64_t M, int64_t N, int64_t C) { return 4 * K * M <= N * C; }
 std::vector<at::Tensor> guide_kept(const GuideState& s, int64_t C);
 std::vector<std::vector<int64_t>> guide_kept_shapes(const std::string& order, int64_t F, int64_t N, int64_t M,
                                                     int64_t D, int64_t K, int64_t C);

@@ -76,7 +76,10 @@ GuideState guide_forward(const Tensor& g, const std::vector<Tensor>& p, const st
 }
 
 std::vector<Tensor> guide_kept(const GuideState& s, int64_t C) {
-  if (s.order == "rewritten") return {s.A, s.B, s.applied, s.ab, s.ga};
+  if (s.order == "rewritten") {
+    if (guide_keeps_b(s.A.size(1), s.g.size(1), s.A.size(2), C)) return {s.A, s.B, s.applied, s.ab, s.ga};
+    return {s.A, s.applied, s.ab, s.ga};
+  }
   if (guide_keeps_u(s.g.size(2), C)) return {s.U, s.A, s.AU, s.ubar};
   return {s.A, s.AU, s.ubar};
 }
@@ -84,7 +87,10 @@ std::vector<Tensor> guide_kept(const GuideState& s, int64_t C) {
 std::vector<std::vector<int64_t>> guide_kept_shapes(const std::string& order, int64_t F, int64_t N, int64_t M,
                                                     int64_t D, int64_t K, int64_t C) {
   check_order(order);
-  if (order == "rewritten") return {{F, K, N}, {F, K, M}, {F, K, D}, {F, K}, {F, D}};
+  if (order == "rewritten") {
+    if (guide_keeps_b(K, M, N, C)) return {{F, K, N}, {F, K, M}, {F, K, D}, {F, K}, {F, D}};
+    return {{F, K, N}, {F, K, D}, {F, K}, {F, D}};
+  }
   if (guide_keeps_u(D, C)) return {{F, N, D}, {F, K, N}, {F, K, D}, {F, D}};
   return {{F, K, N}, {F, K, D}, {F, D}};
 }
@@ -95,11 +101,13 @@ GuideState guide_restore(const Tensor& g, const std::vector<Tensor>& p, const st
   s.R = R;
   s.a = a;
   if (order == "rewritten") {
+    const bool has_b = kept.size() == 5;
     s.A = kept[0];
-    s.B = kept[1];
-    s.applied = kept[2];
-    s.ab = kept[3];
-    s.ga = kept[4];
+    const int64_t F = s.A.size(0), K = s.A.size(1), N = s.A.size(2), M = g.size(1);
+    s.B = has_b ? kept[1] : cpu::matmul(s.A.reshape({F * K, N}), p[kWtok].reshape({-1, M})).view({F, K, M});  // as forward
+    s.applied = kept[has_b + 1];
+    s.ab = kept[has_b + 2];
+    s.ga = kept[has_b + 3];
   } else {
     const bool has_u = kept.size() == 4;
     s.U = has_u ? kept[0]

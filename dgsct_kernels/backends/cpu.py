@@ -72,7 +72,8 @@ class CpuBackend(CompiledBackend):
                   *((n if stats else 0,) for n in (H, H, C, C))]  # bn1 mean, var, bn2 mean, var
         mask = (F, N, (C + 7) // 8)  # qv1 > 0 as bits, uint8 (csrc/cpu/fused.h: kKeptMask1)
         if _guide_order(x, params) == "rewritten":
-            guide = [(F, K, N), (F, K, M), (F, K, D), (F, K), (F, D)]  # A, B = A Wtok, B g, A btok, wbar g
+            # A, B = A Wtok (unless over a quarter of x: csrc/cpu guide_keeps_b), B g, A btok, wbar g
+            guide = [(F, K, N), *([(F, K, M)] if 4 * K * M <= N * C else []), (F, K, D), (F, K), (F, D)]
         else:  # U [F, N, D] only when smaller than x (csrc/cpu guide_keeps_u), A, A U, mean_n U
             guide = [*([(F, N, D)] if D < C else []), (F, K, N), (F, K, D), (F, D)]
         dtype = accumulation_dtype(x.dtype)
