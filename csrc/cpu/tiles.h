@@ -56,15 +56,15 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A
   const int M_ = static_cast<int>(n), N_ = static_cast<int>(m), K_ = static_cast<int>(k);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
   if constexpr (std::is_same_v<T, float>) {
-    // oneDNN where gemm_provider() chose it (AVX-512 on CPUs where MKL runs AVX2)
-    if (ldc == n && lda == (ta ? m : k) && ldb == (tb ? k : n) && m * n * k >= kOneDnnMinWork &&
-        gemm_provider() == GemmProvider::kOneDnn) {
+    // oneDNN where gemm_provider() chose it (AVX-512 on CPUs where MKL runs AVX2); onednn_product
+    // decides on layouts and sizes, the guard only spares small products the tensor views
+    if (m * n * k >= kOneDnnMinWork && gemm_provider() == GemmProvider::kOneDnn) {
       const auto opts = at::TensorOptions().dtype(at::kFloat);
       float* a = const_cast<float*>(A);
       float* b = const_cast<float*>(B);
-      Tensor At = ta ? at::from_blob(a, {k, m}, opts).t() : at::from_blob(a, {m, k}, opts);
-      Tensor Bt = tb ? at::from_blob(b, {n, k}, opts).t() : at::from_blob(b, {k, n}, opts);
-      if (onednn_product(At, Bt, at::from_blob(Cm, {m, n}, opts), beta, alpha)) return;
+      Tensor At = ta ? at::from_blob(a, {k, m}, {lda, 1}, opts).t() : at::from_blob(a, {m, k}, {lda, 1}, opts);
+      Tensor Bt = tb ? at::from_blob(b, {n, k}, {ldb, 1}, opts).t() : at::from_blob(b, {k, n}, {ldb, 1}, opts);
+      if (onednn_product(At, Bt, at::from_blob(Cm, {m, n}, {ldc, 1}, opts), beta, alpha)) return;
     }
     if (sgemm_ != nullptr) {
       sgemm_(&opb, &opa, &M_, &N_, &K_, &alpha, B, &la, A, &lb, &beta, Cm, &lc);
